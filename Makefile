@@ -1,0 +1,32 @@
+# Two commands a newcomer types: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-all lint demo bench clean
+
+# torch is pinned in pyproject.toml and resolved in the same pip command as
+# deepspeed, so deepspeed never pulls a multi-GB CUDA torch on a CPU machine.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check nsa train data eval bench tests
+
+demo: $(STAMP)
+	$(PY) -m bench.attention --device cpu --seqlens 2048 4096 --repeats 1
+
+clean:
+	rm -rf $(VENV) outputs
