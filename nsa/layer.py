@@ -1,0 +1,279 @@
+"""The NSA attention layer: projections, compression phi, gates, and the three branches.
+
+Implements ``NSA_SPEC.md`` on top of the functional ops (``nsa.compressed_attention``,
+``nsa.select_blocks``, ``nsa.selected_attention``, ``nsa.sliding_window_attention``),
+so the same weights run on CPU (torch backend) and GPU (triton backend).
+Incremental decoding goes through :class:`nsa.cache.NSACache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import nsa
+from nsa.cache import (
+    NSACache,
+    decode_compressed,
+    decode_select,
+    decode_selected,
+    decode_window,
+)
+from nsa.ops.common import check_block_params, check_selection_params
+from nsa.rope import apply_rotary
+
+
+@dataclass
+class NSAConfig:
+    """Shapes and NSA settings of one layer (paper names: l, d, l', n, w)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim_k: int
+    head_dim_v: int
+    block_len: int = 16
+    stride: int = 8
+    select_len: int = 32
+    num_select: int = 4
+    num_init: int = 1
+    num_local: int = 2
+    window: int = 64
+    share_kv: bool = False  # one K/V projection for all three branches instead of one each
+    compress: str = "mlp"  # "mlp": pe + MLP over the flattened block; "mean": mean pooling
+    compress_hidden: int | None = None  # phi hidden width; None -> the phi's output dim (Dk or Dv)
+    backend: str | None = None  # "torch" | "triton" | None (the API default for the device)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible setting."""
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim_k", "head_dim_v", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"NSAConfig.{name} must be an int >= 1, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim_k % 2:
+            raise ValueError(f"head_dim_k ({self.head_dim_k}) must be even for RoPE")
+        check_block_params(self.block_len, self.stride, self.select_len)
+        check_selection_params(self.num_select, self.num_init, self.num_local)
+        if self.compress not in ("mlp", "mean"):
+            raise ValueError(f"compress must be 'mlp' or 'mean', got {self.compress!r}")
+        h = self.compress_hidden
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ValueError(f"compress_hidden must be a positive int or None, got {h!r}")
+        if self.backend not in (None, "torch", "triton"):
+            raise ValueError(f"backend must be 'torch', 'triton' or None, got {self.backend!r}")
+
+
+class BlockCompressor(nn.Module):
+    """phi: a block of ``l`` tokens ``[..., l, D]`` -> one token ``[..., D]``.
+
+    ``"mlp"``: ``Linear(l*D -> h) -> SiLU -> Linear(h -> D)`` applied to the
+    flattened block plus a learned intra-block position embedding ``pe [l, D]``;
+    weights shared across KV heads. ``"mean"``: parameter-free mean over the block.
+    """
+
+    def __init__(self, block_len: int, dim: int, hidden: int | None, mode: str):
+        super().__init__()
+        self.block_len, self.dim, self.mode = block_len, dim, mode
+        if mode == "mlp":
+            h = hidden or dim
+            self.pe = nn.Parameter(torch.zeros(block_len, dim))
+            self.fc1 = nn.Linear(block_len * dim, h)
+            self.act = nn.SiLU()
+            self.fc2 = nn.Linear(h, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """pe = 0 (blocks start as raw keys); fc1/fc2 ~ N(0, fan_in^-1/2) so a block of
+        unit-variance keys gives compressed keys of about unit variance; biases 0."""
+        if self.mode != "mlp":
+            return
+        nn.init.zeros_(self.pe)
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, std=fc.in_features ** -0.5)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return blocks.mean(-2)
+        x = (blocks + self.pe.to(blocks.dtype)).flatten(-2)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NSAAttention(nn.Module):
+    """Native Sparse Attention: ``y = W_o( sum_c g_c * Attn_c(q, K_c, V_c) )``, c in {cmp, slc, win}.
+
+    ``forward(x [B,T,C], cos, sin [B,T,Dk//2], cu_seqlens=None, cache=None) -> y [B,T,C]``.
+
+    Init (``reset_parameters``): q/k/v ~ N(0, C^-1/2) and out ~ N(0, (H*Dv)^-1/2)
+    (unit-variance in, unit-variance out); the gate weight is 0 and its bias
+    ``-ln 2``, so every gate starts at sigmoid(-ln 2) = 1/3 and the layer starts
+    as the plain mean of the three branches, at the scale of one attention.
+    """
+
+    def __init__(self, cfg: NSAConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        H, Hkv, Dk, Dv, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.hidden_size
+        self.branches_kv = 1 if cfg.share_kv else 3
+        self.q_proj = nn.Linear(C, H * Dk, bias=False)
+        self.kv_proj = nn.Linear(C, self.branches_kv * Hkv * (Dk + Dv), bias=False)
+        self.gate_proj = nn.Linear(C, 3 * H, bias=True)
+        self.o_proj = nn.Linear(H * Dv, C, bias=False)
+        self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress)
+        self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
+        self.scale = Dk ** -0.5
+        self.last_gate_means: dict[str, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.kv_proj, self.o_proj):
+            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+        nn.init.zeros_(self.gate_proj.weight)
+        nn.init.constant_(self.gate_proj.bias, -math.log(2.0))
+        self.compress_k.reset_parameters()
+        self.compress_v.reset_parameters()
+
+    # ------------------------------------------------------------------ pieces
+
+    def _branch_kv(self, x, cos, sin) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-branch ``(k [B,T,Hkv,Dk] with RoPE, v [B,T,Hkv,Dv])``; shared tensors if share_kv."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        Hkv, Dk, Dv = cfg.num_kv_heads, cfg.head_dim_k, cfg.head_dim_v
+        kv = self.kv_proj(x).view(B, T, self.branches_kv, Hkv, Dk + Dv)
+        out = []
+        for i in range(self.branches_kv):
+            k, v = kv[:, :, i].split((Dk, Dv), dim=-1)
+            out.append((apply_rotary(k, cos, sin), v))
+        if cfg.share_kv:
+            out = out * 3
+        return dict(zip(("cmp", "slc", "win"), out, strict=True))
+
+    def compress(self, kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks ``kb [..., l, Dk]``, ``vb [..., l, Dv]`` -> compressed ``[..., Dk]``, ``[..., Dv]``."""
+        return self.compress_k(kb), self.compress_v(vb)
+
+    def _compressed_kv(self, k, v, cu_seqlens):
+        """Compressed K/V from raw ``k, v [B,T,Hkv,D]``: block ``i`` = tokens ``[i*d, i*d + l)``.
+
+        Without ``cu_seqlens``: ``[B, N, Hkv, D]`` via unfold. With it: per document,
+        never straddling a boundary, packed as ``[1, sum N_doc, Hkv, D]`` in
+        ``nsa.compressed_cu_seqlens`` order.
+        """
+        l, d = self.cfg.block_len, self.cfg.stride
+        B, T, Hkv = k.shape[:3]
+        if cu_seqlens is None:
+            if T < l:
+                return self.compress(k.new_zeros(B, 0, Hkv, l, k.shape[-1]), v.new_zeros(B, 0, Hkv, l, v.shape[-1]))
+            kb = k.unfold(1, l, d).transpose(-1, -2)  # [B, N, Hkv, l, Dk]
+            vb = v.unfold(1, l, d).transpose(-1, -2)
+            return self.compress(kb, vb)
+        cu_cmp = nsa.compressed_cu_seqlens(cu_seqlens, l, d).to(torch.int64)
+        counts = cu_cmp[1:] - cu_cmp[:-1]
+        total = int(cu_cmp[-1])
+        doc = torch.repeat_interleave(torch.arange(counts.numel(), device=k.device), counts.to(k.device),
+                                      output_size=total)
+        block = torch.arange(total, device=k.device) - cu_cmp.to(k.device)[doc]
+        start = cu_seqlens.to(k.device, torch.int64)[doc] + block * d
+        tok = start[:, None] + torch.arange(l, device=k.device)  # [total, l]
+        kb = k[0, tok].transpose(1, 2).unsqueeze(0)  # [1, total, Hkv, l, Dk]
+        vb = v[0, tok].transpose(1, 2).unsqueeze(0)
+        return self.compress(kb, vb)
+
+    def _attend(self, q, kv, cu_seqlens):
+        """The three branch outputs ``[B,T,H,Dv]`` over the full sequence, via the functional API."""
+        cfg = self.cfg
+        be = cfg.backend
+        blk = dict(block_len=cfg.block_len, stride=cfg.stride)
+        k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
+        o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, **blk, cu_seqlens=cu_seqlens, backend=be)
+        idx = nsa.select_blocks(q, k_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
+                                num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens,
+                                backend=be, lse=lse)
+        o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
+                                       backend=be)
+        o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens, backend=be)
+        return (o_cmp, o_slc, o_win), (k_cmp, v_cmp)
+
+    def _decode(self, q, kv, cache: NSACache):
+        """Branch outputs ``[B,m,H,Dv]`` for ``m`` new tokens computed from the cache alone."""
+        cfg = self.cfg
+        B, m, H, _ = q.shape
+        Hkv = cfg.num_kv_heads
+        s = cache.length
+        pos = torch.arange(s, s + m, device=q.device)
+        qg = q.float().view(B, m, Hkv, H // Hkv, -1)
+        # window first: it reads the ring as it was before the new tokens overwrite slots
+        kw, vw, kpos = cache.window_state()
+        k_new, v_new = kv["win"]
+        o_win = decode_window(qg, torch.cat((kw, k_new.to(kw.dtype)), 1), torch.cat((vw, v_new.to(vw.dtype)), 1),
+                              torch.cat((kpos, pos)), pos, cfg.window, self.scale)
+        cache.append(kv, self.compress)
+        o_cmp, p = decode_compressed(qg, cache, pos, self.scale)
+        idx = decode_select(p, cache, pos, num_select=cfg.num_select, num_init=cfg.num_init,
+                            num_local=cfg.num_local)
+        o_slc = decode_selected(qg, cache, pos, idx, self.scale)
+        return tuple(o.reshape(B, m, H, -1).to(q.dtype) for o in (o_cmp, o_slc, o_win))
+
+    # ------------------------------------------------------------------ public
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> NSACache:
+        """An empty decoding state for ``batch_size`` rows of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        return NSACache(batch_size=batch_size, max_len=max_len, num_kv_heads=cfg.num_kv_heads,
+                        head_dim_k=cfg.head_dim_k, head_dim_v=cfg.head_dim_v, block_len=cfg.block_len,
+                        stride=cfg.stride, select_len=cfg.select_len, window=cfg.window, device=device,
+                        dtype=dtype)
+
+    def _check_inputs(self, x, cos, sin, cu_seqlens, cache) -> None:
+        cfg = self.cfg
+        if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"NSAAttention: x must be [B, T, {cfg.hidden_size}], got {tuple(x.shape)}")
+        want = (*x.shape[:2], cfg.head_dim_k // 2)
+        if tuple(cos.shape) != want or tuple(sin.shape) != want:
+            raise ValueError(f"NSAAttention: cos/sin must be [B, T, head_dim_k//2] = {want}, "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("NSAAttention: cu_seqlens and cache cannot be combined (decode rows share a length)")
+            if not isinstance(cache, NSACache):
+                raise ValueError(f"NSAAttention: cache must be an NSACache, got {type(cache).__name__}")
+            if x.shape[0] != cache.batch_size:
+                raise ValueError(f"NSAAttention: x has {x.shape[0]} rows, cache has {cache.batch_size}")
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+                raise ValueError("NSAAttention: cu_seqlens must be a 1-D int32 tensor [N+1]")
+            if x.shape[0] != 1:
+                raise ValueError(f"NSAAttention: cu_seqlens requires B == 1 (packed row), got B={x.shape[0]}")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cache: NSACache | None = None) -> torch.Tensor:
+        """``x [B,T,C]``, ``cos/sin [B,T,Dk//2]`` for the positions of ``x`` -> ``y [B,T,C]``.
+
+        With ``cache``: ``x`` holds only the new tokens. An empty cache is
+        prefilled by the full (kernel) path; a non-empty one is extended and
+        the new tokens attend to it through the dense decode path.
+        """
+        self._check_inputs(x, cos, sin, cu_seqlens, cache)
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H = cfg.num_heads
+        q = apply_rotary(self.q_proj(x).view(B, T, H, cfg.head_dim_k), cos, sin)
+        kv = self._branch_kv(x, cos, sin)
+        if cache is not None and cache.length > 0:
+            outs = self._decode(q, kv, cache)
+        else:
+            outs, compressed = self._attend(q, kv, cu_seqlens)
+            if cache is not None:
+                cache.append(kv, self.compress, compressed=compressed)
+        g = torch.sigmoid(self.gate_proj(x)).view(B, T, H, 3)
+        self.last_gate_means = {f"g_{name}": g[..., i].detach().float().mean() for i, name in
+                                enumerate(("cmp", "slc", "win"))}
+        o = sum(g[..., i, None] * outs[i].to(g.dtype) for i in range(3))
+        return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))

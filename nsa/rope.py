@@ -1,0 +1,35 @@
+"""Rotary position embedding (RoPE), rotate-half (GPT-NeoX) convention.
+
+The caller owns the frequencies (plain RoPE, YaRN scaling, per-document
+positions under packing): this module only applies a precomputed rotation, so
+the NSA layer and the full-attention layer rotate keys identically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, T, H, D] by angles given as ``cos``/``sin`` [B, T, D//2].
+
+    Rotate-half convention: the pair rotated together is ``(x[..., i], x[..., i + D//2])``.
+    The rotation runs in float32 (positions up to 64k+ lose precision in bf16)
+    and the result is cast back to ``x.dtype``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"apply_rotary: x must be [B, T, H, D], got shape {tuple(x.shape)}")
+    B, T, _, D = x.shape
+    if D % 2:
+        raise ValueError(f"apply_rotary: head dim must be even, got {D}")
+    want = (B, T, D // 2)
+    if tuple(cos.shape) != want or tuple(sin.shape) != want:
+        raise ValueError(
+            f"apply_rotary: cos/sin must be [B, T, D//2] = {want}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    xf = x.float()
+    x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
+    c = cos.float().unsqueeze(2)
+    s = sin.float().unsqueeze(2)
+    out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return out.to(x.dtype)
