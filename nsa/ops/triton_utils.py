@@ -65,7 +65,7 @@ def next_pow2(n: int) -> int:
 
 def batch_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     """``cu_seqlens`` int32 ``[B+1]`` for ``B`` equal documents of length ``seqlen``."""
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
 
 def max_seqlen(cu_seqlens: torch.Tensor) -> int:

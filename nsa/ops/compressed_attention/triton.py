@@ -1,0 +1,473 @@
+"""Triton compressed attention (NSA branch 1), forward and backward.
+
+The kernels here are written once for a *banded* attention that covers both the
+compressed branch and the sliding window (``nsa.ops.sliding_window_attention.triton``
+reuses them): key ``j`` of a document sits at position ``e_j = j*stride + block_len - 1``
+(the last token of its block) and query ``t`` sees it iff ``t - window < e_j <= t``.
+Compressed attention is ``window = inf``; the sliding window is ``stride = block_len = 1``.
+
+Tiling (GQA packing): for one KV head, the ``T*G`` query rows of its ``G`` heads are
+flattened as ``row = t*G + g`` and cut into tiles of ``BLOCK_M`` rows, so every tile
+fills the MMA whatever ``G`` is (1 ... 16 and above) and each K/V tile is loaded once
+for all heads of the group. Every loop runs only over the key (or query) tiles that
+the band reaches; tiles fully inside the band skip the mask.
+
+Backward is split (no atomics): one kernel per query tile computes ``dq``, one per key
+tile loops over the query rows that see it and computes ``dk, dv``.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops.triton_utils import (
+    batch_cu_seqlens,
+    compressed_cu_seqlens,
+    dot_precision,
+    interpreter_upcast,
+    max_seqlen,
+    next_pow2,
+    select_configs,
+)
+
+LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # "window = inf": larger than any sequence
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Hopper-sized tiles; the autotuner drops those that do not fit (shared memory).
+_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]
+_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)]
+_DKV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)]
+_INTERP_CONFIG = _cfg(32, 16, 4, 1)
+_KEY = ["G", "DK", "DV", "PREC"]
+
+
+@triton.jit
+def _doc(CU_Q, CU_K, pid_h, HKV):
+    """KV head and query / key extents of the document of program row ``pid_h``."""
+    doc = pid_h // HKV
+    q_start = tl.load(CU_Q + doc)
+    k_start = tl.load(CU_K + doc)
+    return pid_h % HKV, q_start, tl.load(CU_Q + doc + 1) - q_start, k_start, tl.load(CU_K + doc + 1) - k_start
+
+
+@triton.jit
+def _band(t_first, t_last, k_len, BLOCK_LEN, STRIDE, WINDOW, BLOCK_N: tl.constexpr):
+    """Key ranges of the query rows ``t_first..t_last``: ``[a, d)`` is what any row sees,
+    cut as ``[a, b)`` masked, ``[b, c)`` seen by every row (no mask), ``[c, d)`` masked;
+    ``b - a`` and ``c - b`` are multiples of ``BLOCK_N``."""
+    x_first = t_first - WINDOW - BLOCK_LEN + 1
+    x_last = t_last - WINDOW - BLOCK_LEN + 1
+    a = tl.where(x_first >= 0, x_first // STRIDE + 1, 0)
+    full_lo = tl.where(x_last >= 0, x_last // STRIDE + 1, 0)
+    d = tl.where(t_last + 1 >= BLOCK_LEN, (t_last + 1 - BLOCK_LEN) // STRIDE + 1, 0)
+    full_hi = tl.where(t_first + 1 >= BLOCK_LEN, (t_first + 1 - BLOCK_LEN) // STRIDE + 1, 0)
+    d = tl.minimum(d, k_len)
+    full_hi = tl.minimum(full_hi, k_len)
+    a = tl.minimum(a, d)
+    b = tl.minimum(tl.maximum(full_lo, a), d)
+    b = tl.minimum(a + tl.cdiv(b - a, BLOCK_N) * BLOCK_N, d)
+    c = tl.minimum(tl.maximum(full_hi, b), d)
+    c = b + ((c - b) // BLOCK_N) * BLOCK_N
+    return a, b, c, d
+
+
+@triton.jit
+def _rows(band_a, band_b, band_c, band_d, n_rows, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Same cut for the query rows ``row = t*G + g`` of the positions band ``[a, d)``
+    (``[b, c)`` = positions that see every key of the tile)."""
+    a = tl.minimum(band_a * G, n_rows)
+    d = tl.minimum(band_d * G, n_rows)
+    b = tl.minimum(tl.maximum(band_b * G, a), d)
+    b = tl.minimum(a + tl.cdiv(b - a, BLOCK_M) * BLOCK_M, d)
+    c = tl.minimum(tl.maximum(tl.minimum(band_c * G, n_rows), b), d)
+    c = b + ((c - b) // BLOCK_M) * BLOCK_M
+    return a, b, c, d
+
+
+@triton.jit
+def _visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW):
+    """``[len(t), len(j)]`` mask: query position ``t`` sees key ``j``."""
+    e = j * STRIDE + BLOCK_LEN - 1
+    return (e[None, :] <= t[:, None]) & (e[None, :] > t[:, None] - WINDOW) & (j[None, :] < k_len)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
+              DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """One key tile of the online softmax (log2 domain)."""
+    j = start + offs_n
+    j_ok = j < k_len
+    kT = tl.load(K + k_base + j.to(tl.int64)[None, :] * stride_kt + offs_dk[:, None],
+                 mask=j_ok[None, :] & (offs_dk[:, None] < DK), other=0.0)
+    v = tl.load(V + v_base + j.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :],
+                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, kT, input_precision=PREC) * scale_log2
+    if MASK:
+        s = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=select_configs(_FWD_CONFIGS, _INTERP_CONFIG), key=_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                BLOCK_LEN, STRIDE, WINDOW,
+                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
+    pid_h = tl.program_id(1)
+    kvh, q_start, q_len, k_start, k_len = _doc(CU_Q, CU_K, pid_h, HKV)
+    if pid_m * BLOCK_M >= q_len * G:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    head = kvh * G + rows % G
+    row_ok = t < q_len
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_row = (q_start + t).to(tl.int64)
+    q = tl.load(Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    k_base = k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+
+    t_first = (pid_m * BLOCK_M) // G
+    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
+    a, b, c, d = _band(t_first, t_last, k_len, BLOCK_LEN, STRIDE, WINDOW, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(a, b, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
+                                  DK, DV, PREC, True)
+    for start in range(b, c, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
+                                  DK, DV, PREC, False)
+    for start in range(c, d, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
+                                  DK, DV, PREC, True)
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(O + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + q_row * (HKV * G) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, DELTA, rows, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
+               HKV, offs_dk, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """Load q ``[M, DK]``, do ``[M, DV]``, lse (log2 units; +inf where nothing is visible,
+    so that p = 0) and delta for query rows ``row = t*G + g``."""
+    t = rows // G
+    head = kvh * G + rows % G
+    row_ok = t < q_len
+    q_row = (q_start + t).to(tl.int64)
+    q = tl.load(Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + q_row[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + q_row * (HKV * G) + head, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + q_row * (HKV * G) + head, mask=row_ok, other=0.0)
+    return t, q_row, head, row_ok, q, do, lse, delta
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+             scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
+             DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    j = start + offs_n
+    j_ok = j < k_len
+    k = tl.load(K + k_base + j.to(tl.int64)[:, None] * stride_kt + offs_dk[None, :],
+                mask=j_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    vT = tl.load(V + v_base + j.to(tl.int64)[None, :] * stride_vt + offs_dv[:, None],
+                 mask=j_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    p = tl.exp2(s - lse[:, None])
+    if MASK:
+        p = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.autotune(configs=select_configs(_DQ_CONFIGS, _INTERP_CONFIG), key=_KEY)
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale, scale_log2, HKV,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+               stride_dqt, stride_dqh, BLOCK_LEN, STRIDE, WINDOW,
+               G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_h = tl.program_id(1)
+    kvh, q_start, q_len, k_start, k_len = _doc(CU_Q, CU_K, pid_h, HKV)
+    if pid_m * BLOCK_M >= q_len * G:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t, q_row, head, row_ok, q, do, lse, delta = _load_rows(
+        Q, DO, LSE, DELTA, rows, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
+        HKV, offs_dk, offs_dv, G, DK, DV)
+    k_base = k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+
+    t_first = (pid_m * BLOCK_M) // G
+    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
+    a, b, c, d = _band(t_first, t_last, k_len, BLOCK_LEN, STRIDE, WINDOW, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    for start in range(a, b, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, True)
+    for start in range(b, c, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, False)
+    for start in range(c, d, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, True)
+    tl.store(DQ + q_row[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+
+
+@triton.jit
+def _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
+              stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE, WINDOW,
+              offs_m, offs_dk, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              PREC: tl.constexpr, MASK: tl.constexpr):
+    """Accumulate one tile of query rows into the key tile's dk, dv (transposed scores)."""
+    t, q_row, head, row_ok, q, do, lse, delta = _load_rows(
+        Q, DO, LSE, DELTA, start + offs_m, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
+        HKV, offs_dk, offs_dv, G, DK, DV)
+    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+    pT = tl.exp2(sT - lse[None, :])
+    if MASK:
+        pT = tl.where(tl.trans(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW)), pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=select_configs(_DKV_CONFIGS, _INTERP_CONFIG), key=_KEY)
+@triton.jit
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scale_log2, HKV,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                stride_dkt, stride_dkh, stride_dvt, stride_dvh, BLOCK_LEN, STRIDE, WINDOW,
+                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    kvh, q_start, q_len, k_start, k_len = _doc(CU_Q, CU_K, pid_h, HKV)
+    if pid_n * BLOCK_N >= k_len:
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < k_len
+    k_row = (k_start + j).to(tl.int64)
+    k = tl.load(K + k_row[:, None] * stride_kt + kvh * stride_kh + offs_dk[None, :],
+                mask=j_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    v = tl.load(V + k_row[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
+                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+
+    # positions that see the first / last key of the tile: [e_first, e_last + WINDOW)
+    e_first = pid_n * BLOCK_N * STRIDE + BLOCK_LEN - 1
+    e_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1, k_len - 1) * STRIDE + BLOCK_LEN - 1
+    t_a = tl.minimum(e_first, q_len)
+    t_d = tl.minimum(e_last + WINDOW, q_len)
+    t_b = tl.minimum(e_last, t_d)
+    t_c = tl.minimum(e_first + WINDOW, q_len)
+    a, b, c, d = _rows(t_a, t_b, t_c, t_d, q_len * G, G, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start in range(a, b, BLOCK_M):
+        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
+                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
+                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, True)
+    for start in range(b, c, BLOCK_M):
+        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
+                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
+                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, False)
+    for start in range(c, d, BLOCK_M):
+        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
+                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
+                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, True)
+    tl.store(DK_OUT + k_row[:, None] * stride_dkt + kvh * stride_dkh + offs_dk[None, :],
+             (dk * scale).to(DK_OUT.dtype.element_ty), mask=j_ok[:, None] & (offs_dk[None, :] < DK))
+    tl.store(DV_OUT + k_row[:, None] * stride_dvt + kvh * stride_dvh + offs_dv[None, :],
+             dv.to(DV_OUT.dtype.element_ty), mask=j_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, D]`` -> contiguous ``[B*T, H, D]``."""
+    return x.contiguous().reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    hkv = k.shape[-2]
+    return dict(G=q.shape[-2] // hkv, DK=q.shape[-1], DV=v.shape[-1], BLOCK_DK=next_pow2(q.shape[-1]),
+                BLOCK_DV=next_pow2(v.shape[-1]), PREC=dot_precision(q.dtype))
+
+
+def band_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, block_len, stride, window, scale):
+    """Banded attention forward (see module docstring).
+
+    q ``[B, T, H, Dk]``, k ``[B, Tk, Hkv, Dk]``, v ``[B, Tk, Hkv, Dv]``; documents given by
+    ``cu_q``/``cu_k`` (int32 ``[N+1]``) over the flattened ``B*T`` / ``B*Tk`` rows.
+    Returns o ``[B, T, H, Dv]`` (q's dtype) and lse ``[B, T, H]`` float32 (natural log;
+    ``-inf`` and o = 0 where a query sees no key).
+    """
+    B, T, H, _ = q.shape
+    hkv, dv = k.shape[-2], v.shape[-1]
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    o = torch.empty(B * T, H, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * T, H, dtype=torch.float32, device=q.device)
+    meta = _meta(q, k, v)
+    n_docs = cu_q.numel() - 1
+    grid = lambda m: (triton.cdiv(max_q * meta["G"], m["BLOCK_M"]), n_docs * hkv)
+    if max_q > 0 and n_docs > 0:
+        with torch.device(q.device):
+            _fwd_kernel[grid](qf, kf, vf, o, lse, cu_q, cu_k, scale * LOG2E, hkv,
+                              qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+                              o.stride(0), o.stride(1), block_len, stride, window, **meta)
+    return o.view(B, T, H, dv), lse.view(B, T, H)
+
+
+def band_attention_backward(do, q, k, v, o, lse, dlse, cu_q, cu_k, max_q, max_k, block_len, stride, window,
+                            scale):
+    """Gradients (dq, dk, dv) of :func:`band_attention_forward`; ``dlse`` may be None.
+
+    ``delta = rowsum(o * do) - dlse`` folds the gradient of lse in (d lse / d s = p).
+    """
+    B, T, H, dk_dim = q.shape
+    hkv = k.shape[-2]
+    qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(do)
+    delta = (o.float() * do.float()).sum(-1).reshape(B * T, H)
+    if dlse is not None:
+        delta = delta - dlse.float().reshape(B * T, H)
+    lsef = lse.contiguous().reshape(B * T, H)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)  # rows outside every document (if any) get 0
+    dv = torch.zeros_like(vf)
+    meta = _meta(q, k, v)
+    n_docs = cu_q.numel() - 1
+    common = (scale, scale * LOG2E, hkv, qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1),
+              vf.stride(0), vf.stride(1), dof.stride(0), dof.stride(1))
+    with torch.device(q.device):
+        if max_q > 0 and n_docs > 0:
+            grid_q = lambda m: (triton.cdiv(max_q * meta["G"], m["BLOCK_M"]), n_docs * hkv)
+            _dq_kernel[grid_q](qf, kf, vf, dof, lsef, delta, dq, cu_q, cu_k, *common,
+                               dq.stride(0), dq.stride(1), block_len, stride, window, **meta)
+        else:
+            dq.zero_()
+        if max_k > 0 and n_docs > 0:
+            grid_k = lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_docs * hkv)
+            _dkv_kernel[grid_k](qf, kf, vf, dof, lsef, delta, dk, dv, cu_q, cu_k, *common,
+                                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                                block_len, stride, window, **meta)
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v)
+
+
+# ----------------------------------------------------------------------------- op
+
+
+def _docs(q, k, cu_seqlens, block_len, stride):
+    """``(cu_q, cu_k, max_q, max_k)`` for q and the compressed keys (packed per document)."""
+    if cu_seqlens is None:
+        B, T = q.shape[:2]
+        return (batch_cu_seqlens(B, T, q.device), batch_cu_seqlens(B, k.shape[1], q.device), T, k.shape[1])
+    cu_q = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    cu_k = compressed_cu_seqlens(cu_q, block_len, stride)
+    return cu_q, cu_k, max_seqlen(cu_q), max_seqlen(cu_k)
+
+
+@torch.library.custom_op("nsa::compressed_attention", mutates_args=())
+def _compressed_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                             block_len: int, stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = q.dtype
+    q, k, v = interpreter_upcast(q, k, v)
+    cu_q, cu_k, max_q, max_k = _docs(q, k, cu_seqlens, block_len, stride)
+    o, lse = band_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, block_len, stride, NO_WINDOW, scale)
+    return o.to(dtype), lse
+
+
+@_compressed_attention_op.register_fake
+def _(q, k, v, cu_seqlens, block_len, stride, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::compressed_attention_backward", mutates_args=())
+def _compressed_attention_bwd_op(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                                 v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                                 cu_seqlens: Optional[torch.Tensor], block_len: int, stride: int,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    do, q, k, v, o = interpreter_upcast(do, q, k, v, o)
+    cu_q, cu_k, max_q, max_k = _docs(q, k, cu_seqlens, block_len, stride)
+    grads = band_attention_backward(do, q, k, v, o, lse, dlse, cu_q, cu_k, max_q, max_k, block_len, stride,
+                                    NO_WINDOW, scale)
+    return tuple(g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+
+
+@_compressed_attention_bwd_op.register_fake
+def _(do, dlse, q, k, v, o, lse, cu_seqlens, block_len, stride, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, block_len, stride, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.args = (block_len, stride, scale)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _compressed_attention_bwd_op(do.contiguous(), dlse, q, k, v, o, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_compressed_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, cu_seqlens=None):
+    """Causal attention of q over the compressed keys: query ``t`` sees block ``i`` iff
+    ``i*stride + block_len - 1 <= t``.
+
+    q ``[B, T, H, Dk]``, k_cmp ``[B, Tc, Hkv, Dk]``, v_cmp ``[B, Tc, Hkv, Dv]`` (with
+    ``cu_seqlens``, ``B == 1`` and the compressed rows are packed per document at offsets
+    ``compressed_cu_seqlens``). Returns o ``[B, T, H, Dv]`` and lse ``[B, T, H]`` float32;
+    o = 0 and lse = -inf for queries that see no block. Differentiable in q, k_cmp, v_cmp.
+    """
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return _compressed_attention_op(q, k_cmp, v_cmp, cu_seqlens, int(block_len), int(stride), scale)
+
+
+__all__ = ["compressed_attention", "band_attention_forward", "band_attention_backward", "NO_WINDOW"]
