@@ -1,1 +1,169 @@
-"""nsa."""
+"""Native Sparse Attention (NSA): the functional API.
+
+Tensors are ``[B, T, H, D]``; indices and semantics follow NSA_SPEC.md. Each function
+validates its inputs once (``ValueError`` naming the problem), then dispatches to a backend:
+``"torch"`` (``nsa.ops.<op>.reference``, chunked PyTorch) or ``"triton"``
+(``nsa.ops.<op>.triton``, imported only when used). ``backend=None`` picks triton for CUDA
+tensors and torch otherwise. Backends receive the same keyword arguments, with ``scale``
+already resolved to a float.
+
+    o, lse = compressed_attention(q, k_cmp, v_cmp, block_len=, stride=)
+    idx    = select_blocks(q, k_cmp, block_len=, stride=, select_len=, num_select=)
+    o      = selected_attention(q, k, v, idx, select_len=)
+    o      = sliding_window_attention(q, k, v, window=)
+    cu_cmp = compressed_cu_seqlens(cu_seqlens, block_len, stride)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa.ops import common as _c
+from nsa.ops.common import compressed_cu_seqlens
+
+__all__ = [
+    "compressed_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+    "compressed_cu_seqlens",
+]
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    *,
+    block_len: int,
+    stride: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over the compressed blocks it can see (block ``i`` covers
+    ``[i*d, i*d+l)``, visible to ``t`` iff ``i*d + l - 1 <= t``).
+
+    ``q [B,T,H,Dk]``, ``k_cmp [B,Nc,Hkv,Dk]``, ``v_cmp [B,Nc,Hkv,Dv]`` with
+    ``Nc = floor((T-l)/d) + 1`` (or 0; per document with ``cu_seqlens``, packed at
+    :func:`compressed_cu_seqlens` offsets). Returns ``o [B,T,H,Dv]`` (0 where no block is
+    visible) and ``lse [B,T,H]`` float32 (``-inf`` there).
+    """
+    _c.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    _c.check_block_params(block_len, stride)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+    fn = _c.backend_fn("compressed_attention", _c.resolve_backend(backend, q))
+    return fn(
+        q,
+        k_cmp,
+        v_cmp,
+        block_len=block_len,
+        stride=stride,
+        scale=_c.resolve_scale(scale, q.shape[-1]),
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    *,
+    block_len: int,
+    stride: int,
+    select_len: int,
+    num_select: int,
+    num_init: int = 1,
+    num_local: int = 2,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-``num_select`` selection blocks per query and KV group.
+
+    Scores: compressed probabilities summed over the group's heads, overlap-weighted onto
+    selection blocks ``[j*l', (j+1)*l')``; the ``num_init`` first and ``num_local`` most recent
+    causal blocks are always taken, the rest by score (ties to the lower index). Returns int32
+    ``[B,T,Hkv,num_select]``, ascending, ``-1`` padding last. ``lse [B,T,H]`` (optional) is
+    ``compressed_attention``'s, reused to recover probabilities; the result is the same.
+    """
+    _c.check_qkv(q, k_cmp, None, "k_cmp")
+    _c.check_block_params(block_len, stride, select_len)
+    _c.check_selection_params(num_select, num_init, num_local)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+    _c.check_lse(q, lse)
+    fn = _c.backend_fn("select_blocks", _c.resolve_backend(backend, q))
+    return fn(
+        q,
+        k_cmp,
+        block_len=block_len,
+        stride=stride,
+        select_len=select_len,
+        num_select=num_select,
+        num_init=num_init,
+        num_local=num_local,
+        scale=_c.resolve_scale(scale, q.shape[-1]),
+        cu_seqlens=cu_seqlens,
+        lse=lse,
+    )
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    select_len: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Each head of a KV group at ``t`` attends to the tokens ``s <= t`` of the union of the
+    group's selected blocks ``block_indices [B,T,Hkv,n]`` (``-1`` ignored); 0 if none.
+
+    ``q [B,T,H,Dk]``, ``k [B,T,Hkv,Dk]``, ``v [B,T,Hkv,Dv]`` -> ``o [B,T,H,Dv]``.
+    """
+    _c.check_qkv(q, k, v)
+    _c.check_same_length(q, k, "k")
+    _c.check_int_param("select_len", select_len)
+    _c.check_block_indices(q, k, block_indices)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    fn = _c.backend_fn("selected_attention", _c.resolve_backend(backend, q))
+    return fn(
+        q,
+        k,
+        v,
+        block_indices,
+        select_len=select_len,
+        scale=_c.resolve_scale(scale, q.shape[-1]),
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention of query ``t`` over tokens ``[max(0, t-w+1), t]`` (``w`` incl. itself).
+
+    ``q [B,T,H,Dk]``, ``k [B,T,Hkv,Dk]``, ``v [B,T,Hkv,Dv]`` -> ``o [B,T,H,Dv]``.
+    """
+    _c.check_qkv(q, k, v)
+    _c.check_same_length(q, k, "k")
+    _c.check_int_param("window", window)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    fn = _c.backend_fn("sliding_window_attention", _c.resolve_backend(backend, q))
+    return fn(q, k, v, window=window, scale=_c.resolve_scale(scale, q.shape[-1]), cu_seqlens=cu_seqlens)

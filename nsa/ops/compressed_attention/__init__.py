@@ -1,0 +1,1 @@
+"""Compressed-branch attention: queries attend to the complete compressed blocks they can see."""

@@ -1,0 +1,71 @@
+"""PyTorch reference for the compressed branch.
+
+Compressed block ``i`` covers tokens ``[i*d, i*d + l)`` and is visible to query ``t`` iff
+``i*d + l - 1 <= t`` (NSA_SPEC.md). Method: flash-attention-style chunks over queries
+(:class:`nsa.ops.common.ChunkedAttention`). A chunk ``[q0, q1)`` scores its queries only
+against the blocks visible to its last query, masks the rest per token, and keeps ``o`` and
+``lse``; backward recomputes the chunk's probabilities from ``lse``. Nothing of size
+``[T, Nc]`` is ever held, so memory is linear in ``T``. Queries that see no block get
+``o = 0`` and ``lse = -inf`` (and zero gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa.ops.common import (
+    chunk_ranges,
+    chunk_size,
+    chunked_attention,
+    compressed_cu_seqlens,
+    num_compressed,
+    per_document,
+    resolve_scale,
+)
+
+
+def visible_blocks(t_last: int, block_len: int, stride: int) -> int:
+    """How many compressed blocks query ``t_last`` sees: ``floor((t - l + 1)/d) + 1`` or 0."""
+    return num_compressed(t_last + 1, block_len, stride)
+
+
+def compressed_plan(T: int, Nc: int, num_heads: int, block_len: int, stride: int):
+    """Query chunks ``(q0, q1, 0, k1)`` with ``k1`` the blocks visible to query ``q1 - 1``."""
+    chunk = chunk_size(num_heads, Nc, multiple=stride)
+    return [
+        (q0, q1, 0, min(Nc, visible_blocks(q1 - 1, block_len, stride))) for q0, q1 in chunk_ranges(T, chunk)
+    ]
+
+
+def compressed_mask(block_len: int, stride: int, device):
+    """``mask_fn(q0, q1, k0, k1) -> bool [q1-q0, k1-k0]``: block ``i`` visible iff ``i*d + l - 1 <= t``."""
+
+    def mask_fn(q0, q1, k0, k1):
+        t = torch.arange(q0, q1, device=device)
+        last = torch.arange(k0, k1, device=device) * stride + block_len - 1
+        return last[None, :] <= t[:, None]
+
+    return mask_fn
+
+
+def _compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale):
+    plan = compressed_plan(q.shape[1], k_cmp.shape[1], q.shape[2], block_len, stride)
+    return chunked_attention(q, k_cmp, v_cmp, scale, plan, compressed_mask(block_len, stride, q.device))
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, cu_seqlens=None):
+    """``q [B,T,H,Dk]``, ``k_cmp [B,Nc,Hkv,Dk]``, ``v_cmp [B,Nc,Hkv,Dv]`` ->
+    ``(o [B,T,H,Dv], lse [B,T,H] float32)``. With ``cu_seqlens`` (B == 1) each document
+    attends only to its own compressed blocks, packed at ``compressed_cu_seqlens`` offsets."""
+    scale = resolve_scale(scale, q.shape[-1])
+    if cu_seqlens is None:
+        return _compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale)
+    return per_document(
+        lambda qd, kd, vd: _compressed_attention_dense(qd, kd, vd, block_len, stride, scale),
+        cu_seqlens,
+        q,
+        k_cmp,
+        v_cmp,
+        cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride),
+        cmp_index=(1, 2),
+    )

@@ -1,0 +1,1 @@
+"""Top-n selection-block indices from the compressed branch's probabilities."""

@@ -1,0 +1,1 @@
+"""Sliding-window attention: each query attends to its last ``window`` tokens."""
