@@ -1,0 +1,137 @@
+"""Full (dense, causal) grouped-query attention with the same interface as
+``nsa.layer.NSAAttention``: ``forward(x [B,T,C], cos, sin, cu_seqlens=None,
+cache=None) -> [B,T,C]`` and ``new_cache(batch_size, max_len, device, dtype)``.
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with
+``enable_gqa`` (no K/V repeat). Packed documents (``cu_seqlens``, ``B == 1``) are
+isolated either by one block-diagonal causal mask (short rows, one kernel call) or,
+when that mask would exceed ``MASK_MAX_ELEMENTS``, by a loop over documents with
+``is_causal`` (memory O(longest document^2) at most, flash kernels on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsa.rope import apply_rotary
+
+MASK_MAX_ELEMENTS = 1 << 24  # 16M bools = 16 MiB: above this, loop over documents instead
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """Check the flash-attn convention: int32 ``[N+1]``, 0 first, ``total`` last, non-decreasing."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
+                         f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+
+
+class KVCache:
+    """Decoding state of one full-attention layer: K ``[B, max_len, Hkv, Dk]``,
+    V ``[B, max_len, Hkv, Dv]`` and the number of tokens filled (same for all rows)."""
+
+    def __init__(self, batch_size, max_len, num_kv_heads, head_dim_k, head_dim_v, device=None, dtype=None):
+        self.k = torch.zeros(batch_size, max_len, num_kv_heads, head_dim_k, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, max_len, num_kv_heads, head_dim_v, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Store ``k, v [B, T, ...]``; return all cached K, V ``[B, past+T, ...]`` and ``past``."""
+        past, T = self.length, k.shape[1]
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"cache holds batch {self.k.shape[0]}, got batch {k.shape[0]}")
+        if past + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {past} + {T} tokens > max_len {self.max_len}")
+        self.k[:, past:past + T] = k.to(self.k.dtype)
+        self.v[:, past:past + T] = v.to(self.v.dtype)
+        self.length = past + T
+        return self.k[:, :past + T], self.v[:, :past + T], past
+
+
+def _sdpa(q, k, v, *, scale, mask=None, is_causal=False):
+    """SDPA on ``[B, T, H, D]`` tensors (GQA through ``enable_gqa``); returns ``[B, T, H, Dv]``."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return o.transpose(1, 2)
+
+
+def causal_attention(q, k, v, *, scale, offset: int = 0):
+    """Query ``i`` (absolute position ``offset + i``) attends keys ``0 .. offset + i``."""
+    T, S = q.shape[1], k.shape[1]
+    if T == 1:
+        return _sdpa(q, k, v, scale=scale)
+    if offset == 0 and S == T:
+        return _sdpa(q, k, v, scale=scale, is_causal=True)
+    rows = torch.arange(T, device=q.device)[:, None] + offset
+    mask = rows >= torch.arange(S, device=q.device)[None, :]
+    return _sdpa(q, k, v, scale=scale, mask=mask)
+
+
+def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, *, scale):
+    """Causal attention within each packed document of a ``B == 1`` row."""
+    T = q.shape[1]
+    if T * T <= MASK_MAX_ELEMENTS:
+        pos = torch.arange(T, device=q.device)
+        doc = torch.searchsorted(cu_seqlens[1:].to(torch.long), pos, right=True)
+        mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+        return _sdpa(q, k, v, scale=scale, mask=mask)
+    out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            out[:, start:end] = _sdpa(q[:, start:end], k[:, start:end], v[:, start:end],
+                                      scale=scale, is_causal=True)
+    return out
+
+
+class FullAttention(nn.Module):
+    """Causal GQA softmax attention: ``H`` query heads of dim ``Dk``, ``Hkv`` K/V heads
+    (``Dk`` keys, ``Dv`` values), RoPE on q and k, output projection ``H*Dv -> C``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim_k, self.head_dim_v = head_dim_k, head_dim_v
+        self.scale = head_dim_k ** -0.5
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim_k, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim_k, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim_v, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim_v, hidden_size, bias=False)
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        dtype = dtype or self.k_proj.weight.dtype
+        device = device or self.k_proj.weight.device
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim_k, self.head_dim_v, device, dtype)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim_k)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim_k)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim_v)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a decoding cache")
+            k, v, past = cache.append(k, v)
+            o = causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale=self.scale, offset=past)
+        elif cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs a packed batch with B == 1, got B={B}")
+            o = varlen_causal_attention(q, k, v, cu_seqlens, scale=self.scale)
+        else:
+            o = causal_attention(q, k, v, scale=self.scale)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim_v))
