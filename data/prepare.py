@@ -1,0 +1,158 @@
+"""Tokenise a source into train/validation shards: ``python -m data.prepare data=... tokenizer=...``.
+
+Output directory (default ``outputs/data/<data name>-<tokenizer name>``)::
+
+    meta.json              format version, config hash, tokenizer sha256 + ids, split sizes, shard names
+    tokenizer.model        copy of the tokenizer used
+    train-00000.bin ...    shards (see data.shards)
+    validation-00000.bin
+
+The split is by documents, from a permutation seeded by ``data.seed``; the result is
+deterministic for a config and tokenizer. ``meta.json`` is written last: when it exists,
+its config hash matches and every shard opens cleanly, a second run does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from data.shards import FORMAT_VERSION, Shard, ShardWriter
+from data.sources import DataConfig, data_config_from_dict, load_documents, to_plain
+from data.tokenizer import Tokenizer, TokenizerConfig, get_tokenizer, tokenizer_config_from_dict
+
+SPLITS = ("train", "validation")
+_WORKER_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def default_out_dir(dcfg: DataConfig, tcfg: TokenizerConfig) -> Path:
+    return Path(dcfg.out_dir) if dcfg.out_dir else Path("outputs/data") / f"{dcfg.name}-{tcfg.name}"
+
+
+def config_hash(dcfg: DataConfig, tok: Tokenizer) -> str:
+    """Hash of everything that changes the shards' content (not num_proc or out_dir)."""
+    d = to_plain(dcfg)
+    d.pop("num_proc"), d.pop("out_dir")
+    blob = json.dumps({"data": d, "tokenizer_sha256": tok.sha256, "format": FORMAT_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def split_documents(n_docs: int, dcfg: DataConfig) -> dict[str, np.ndarray]:
+    """Sorted document indices per split; ValueError when the source is empty or too small."""
+    if n_docs == 0:
+        raise ValueError(f"data source {dcfg.name!r} produced no documents")
+    n_val = 0
+    if dcfg.validation_fraction > 0:
+        n_val = max(dcfg.min_validation_documents, round(dcfg.validation_fraction * n_docs))
+    if n_val >= n_docs:
+        raise ValueError(f"data source {dcfg.name!r} has {n_docs} documents, too few for {n_val} validation "
+                         f"documents plus at least one training document (validation_fraction="
+                         f"{dcfg.validation_fraction}, min_validation_documents={dcfg.min_validation_documents})")
+    perm = np.random.default_rng(dcfg.seed).permutation(n_docs)
+    return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val])}
+
+
+def _encode(batch: dict, model_path: str) -> dict:
+    """datasets.map worker: text -> ids (one tokenizer per process)."""
+    tok = _WORKER_TOKENIZERS.get(model_path)
+    if tok is None:
+        tok = _WORKER_TOKENIZERS[model_path] = Tokenizer(model_path)
+    return {"ids": tok.encode_batch(batch["text"])}
+
+
+def is_prepared(out: Path, chash: str, vocab_size: int) -> bool:
+    """True when ``out`` holds a finished preparation for this config hash with intact shards."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config_hash") != chash:
+        return False
+    try:
+        for info in meta["splits"].values():
+            for name in info["shards"]:
+                Shard(out / name, vocab_size)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def _write_split(tokenized, idx: np.ndarray, out: Path, split: str, vocab_size: int,
+                 max_tokens: int) -> dict:
+    from tqdm.auto import tqdm
+
+    shards, writer, n_tok = [], None, 0
+    bar = tqdm(total=len(idx), desc=f"write {split}", unit="doc")
+    for start in range(0, len(idx), 1000):
+        rows = tokenized.select(idx[start : start + 1000])["ids"]
+        for ids in rows:
+            if writer is None:
+                writer = ShardWriter(out / f"{split}-{len(shards):05d}.bin", vocab_size)
+            writer.add(ids)
+            n_tok += len(ids)
+            if writer.num_tokens >= max_tokens:
+                shards.append(writer.close().name)
+                writer = None
+        bar.update(len(rows))
+    bar.close()
+    if writer is not None:
+        shards.append(writer.close().name)
+    return {"documents": int(len(idx)), "tokens": int(n_tok), "shards": shards}
+
+
+def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool = False, log=print) -> Path:
+    """Tokenise ``data_cfg``'s source with ``tok_cfg``'s tokenizer into shards; returns the output dir."""
+    dcfg = data_cfg if isinstance(data_cfg, DataConfig) else data_config_from_dict(data_cfg)
+    tcfg = tok_cfg if isinstance(tok_cfg, TokenizerConfig) else tokenizer_config_from_dict(tok_cfg)
+    if dcfg.shard_max_tokens <= 0:
+        raise ValueError(f"shard_max_tokens must be > 0, got {dcfg.shard_max_tokens}")
+    tok = get_tokenizer(tcfg, dcfg, log=log)
+    out = Path(out_dir) if out_dir else default_out_dir(dcfg, tcfg)
+    chash = config_hash(dcfg, tok)
+    if not force and is_prepared(out, chash, tok.vocab_size):
+        log(f"{out} is up to date (config hash {chash[:12]}), nothing to do")
+        return out
+
+    docs = load_documents(dcfg.source)
+    splits = split_documents(len(docs), dcfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "meta.json", *out.glob("*.bin"), *out.glob("*.bin.tmp")]:
+        stale.unlink(missing_ok=True)
+    log(f"tokenising {len(docs)} documents of {dcfg.name} with {Path(tok.path).name} -> {out}")
+    tokenized = docs.map(_encode, batched=True, batch_size=64, num_proc=max(1, min(dcfg.num_proc, len(docs))),
+                         fn_kwargs={"model_path": tok.path}, remove_columns=["text"], desc="tokenise")
+    meta_splits = {s: _write_split(tokenized, splits[s], out, s, tok.vocab_size, dcfg.shard_max_tokens)
+                   for s in SPLITS}
+    shutil.copyfile(tok.path, out / "tokenizer.model")
+    meta = {
+        "format_version": FORMAT_VERSION, "config_hash": chash, "name": dcfg.name,
+        "data": to_plain(dcfg), "seed": dcfg.seed,
+        "tokenizer": {"file": "tokenizer.model", "source_path": str(tok.path), "sha256": tok.sha256,
+                      "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                      "pad_id": tok.pad_id},
+        "vocab_size": tok.vocab_size, "splits": meta_splits,
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.replace(out / "meta.json")
+    log(f"wrote {out}: " + ", ".join(f"{s} {m['documents']} docs / {m['tokens']} tokens"
+                                     for s, m in meta_splits.items()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m data.prepare data=<source> tokenizer=<name> [out_dir=...] [force=true]``."""
+    from data.cli import compose
+
+    cfg = compose(argv, "python -m data.prepare", "Tokenise a data source into train/validation shards.",
+                  extra={"out_dir": None, "force": False})
+    prepare(cfg.data, cfg.tokenizer, cfg.out_dir, force=cfg.force)
+
+
+if __name__ == "__main__":
+    main()
