@@ -15,6 +15,8 @@ import os
 import torch
 import triton
 
+from nsa.ops.common import compressed_cu_seqlens  # re-exported: offsets of packed k_cmp per document
+
 __all__ = [
     "is_interpreter",
     "select_configs",
@@ -73,16 +75,3 @@ def max_seqlen(cu_seqlens: torch.Tensor) -> int:
     if cu_seqlens.numel() < 2:
         return 0
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-
-
-def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block_len: int, stride: int) -> torch.Tensor:
-    """Offsets of each document's compressed blocks, int32 ``[N+1]``.
-
-    A document of length ``L`` has ``floor((L - block_len) / stride) + 1`` complete
-    compressed blocks when ``L >= block_len``, else none (NSA_SPEC, compressed branch).
-    """
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    n_cmp = torch.where(lens >= block_len, (lens - block_len) // stride + 1, torch.zeros_like(lens))
-    out = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
-    out[1:] = torch.cumsum(n_cmp, 0).to(torch.int32)
-    return out
