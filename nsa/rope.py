@@ -33,3 +33,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     s = sin.float().unsqueeze(2)
     out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     return out.to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain RoPE angles for integer ``positions [B, T]`` -> ``cos, sin [B, T, head_dim//2]`` float32.
+
+    Frequency ``i`` is ``theta ** (-2i / head_dim)``. Models with YaRN or other
+    scalings build their own tables; this is the unscaled default.
+    """
+    if head_dim % 2 or head_dim < 2:
+        raise ValueError(f"rotary_tables: head_dim must be even and >= 2, got {head_dim}")
+    if positions.dim() != 2:
+        raise ValueError(f"rotary_tables: positions must be [B, T], got shape {tuple(positions.shape)}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return angles.cos().float(), angles.sin().float()

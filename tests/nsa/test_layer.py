@@ -1,0 +1,202 @@
+"""NSAAttention: config validation, shapes, causality, varlen isolation, variants, gradients, RoPE.
+
+Numerics are compared as relative error ||a - b|| / ||b||. Paths that compute
+the same sums in a different order (packed vs per-document, a future token
+changed) agree to float32 rounding, ~1e-7 relative; 1e-5 leaves room for
+accumulation over a few hundred keys and still catches any wrong mask (a
+single leaked or missing key moves an output by ~1e-2 relative).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nsa.layer import NSAAttention, NSAConfig
+from nsa.rope import apply_rotary, rotary_tables
+
+TOL = 1e-5
+
+# l=8, d=4, l'=16, n=3, w=16: at T=96 there are 6 selection blocks, so top-n is a real choice.
+SMALL = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim_k=16, head_dim_v=8, block_len=8, stride=4,
+             select_len=16, num_select=3, num_init=1, num_local=1, window=16)
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_layer(seed: int = 0, **overrides) -> NSAAttention:
+    """A layer with random (non-init) gate weights, so gates differ per head and token."""
+    torch.manual_seed(seed)
+    layer = NSAAttention(NSAConfig(**{**SMALL, **overrides}))
+    with torch.no_grad():
+        layer.gate_proj.weight.normal_(std=0.3)
+        if layer.cfg.compress == "mlp":
+            layer.compress_k.pe.normal_(std=0.5)
+            layer.compress_v.pe.normal_(std=0.5)
+    return layer
+
+
+def tables(B: int, T: int, head_dim: int, start: int = 0):
+    pos = torch.arange(start, start + T)[None].expand(B, T)
+    return rotary_tables(pos, head_dim)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(num_heads=6, num_kv_heads=4), "multiple of num_kv_heads"),
+        (dict(head_dim_k=15), "even"),
+        (dict(stride=3), "divide block_len"),
+        (dict(block_len=32, select_len=16, stride=8), "select_len"),
+        (dict(num_select=2, num_init=1, num_local=2), "num_select"),
+        (dict(compress="max"), "compress"),
+        (dict(compress_hidden=0), "compress_hidden"),
+        (dict(window=0), "window"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_config_rejects_impossible_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        NSAAttention(NSAConfig(**{**SMALL, **bad}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shapes_dtypes_and_initial_gates(dtype):
+    torch.manual_seed(0)
+    layer = NSAAttention(NSAConfig(**SMALL)).to(dtype)
+    B, T = 2, 40
+    x = torch.randn(B, T, SMALL["hidden_size"], dtype=dtype)
+    cos, sin = tables(B, T, SMALL["head_dim_k"])
+    y = layer(x, cos, sin)
+    assert y.shape == (B, T, SMALL["hidden_size"]) and y.dtype == dtype
+    assert torch.isfinite(y.float()).all()
+    # documented init: zero gate weight, bias -ln 2 -> every gate is exactly 1/3
+    assert set(layer.last_gate_means) == {"g_cmp", "g_slc", "g_win"}
+    for v in layer.last_gate_means.values():
+        assert not v.requires_grad
+        assert abs(v.item() - 1 / 3) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_bad_inputs_raise():
+    layer = make_layer()
+    x = torch.randn(1, 20, 32)
+    cos, sin = tables(1, 20, 16)
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(1, 20, 31), cos, sin)
+    with pytest.raises(ValueError, match="cos/sin"):
+        layer(x, cos[:, :10], sin[:, :10])
+    with pytest.raises(ValueError, match="int32"):
+        layer(x, cos, sin, cu_seqlens=torch.tensor([0, 20]))
+    x2, (c2, s2) = torch.randn(2, 20, 32), tables(2, 20, 16)
+    with pytest.raises(ValueError, match="B == 1"):
+        layer(x2, c2, s2, cu_seqlens=torch.tensor([0, 20], dtype=torch.int32))
+
+
+def test_causality_future_token_does_not_change_the_past():
+    layer = make_layer()
+    B, T, t0 = 2, 96, 57
+    x = torch.randn(B, T, 32)
+    cos, sin = tables(B, T, 16)
+    with torch.no_grad():
+        y = layer(x, cos, sin)
+        x2 = x.clone()
+        x2[:, t0] += 3.0
+        y2 = layer(x2, cos, sin)
+    assert relerr(y2[:, :t0], y[:, :t0]) < TOL
+    assert relerr(y2[:, t0:], y[:, t0:]) > 1e-3  # the change is visible from t0 on
+
+
+def _doc_tables(lens):
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    return rotary_tables(pos, SMALL["head_dim_k"])
+
+
+def test_varlen_equals_per_document_loop_and_isolates_documents():
+    layer = make_layer(1)
+    lens = [37, 5, 70, 24]  # one shorter than a compression block, two past the window
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = sum(lens)
+    x = torch.randn(1, T, 32)
+    cos, sin = _doc_tables(lens)
+    with torch.no_grad():
+        y = layer(x, cos, sin, cu_seqlens=cu)
+        for i, n in enumerate(lens):
+            a, b = cu[i].item(), cu[i + 1].item()
+            yd = layer(x[:, a:b], *tables(1, n, 16))
+            assert relerr(y[:, a:b], yd) < TOL, f"document {i}"
+        # change document 2 only: every other document's output is unchanged
+        x2 = x.clone()
+        a, b = cu[2].item(), cu[3].item()
+        x2[:, a:b] = torch.randn(1, b - a, 32)
+        y2 = layer(x2, cos, sin, cu_seqlens=cu)
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[a:b] = False
+    assert relerr(y2[:, keep], y[:, keep]) < TOL
+    assert relerr(y2[:, a:b], y[:, a:b]) > 1e-2
+
+
+def test_share_kv_and_mean_variants():
+    full = NSAAttention(NSAConfig(**SMALL))
+    shared = NSAAttention(NSAConfig(**SMALL, share_kv=True))
+    mean = NSAAttention(NSAConfig(**SMALL, compress="mean"))
+    Hkv, Dk, Dv, C, l = 2, 16, 8, 32, 8
+    assert full.kv_proj.weight.shape == (3 * Hkv * (Dk + Dv), C)
+    assert shared.kv_proj.weight.shape == (Hkv * (Dk + Dv), C)
+    assert sum(p.numel() for p in mean.compress_k.parameters()) == 0
+    # default phi width: the output head dim (documented choice)
+    assert full.compress_k.fc1.weight.shape == (Dk, l * Dk) and full.compress_v.fc2.weight.shape == (Dv, Dv)
+    wide = NSAAttention(NSAConfig(**SMALL, compress_hidden=40))
+    assert wide.compress_k.fc1.out_features == 40 and wide.compress_v.fc1.out_features == 40
+    # share_kv: all branches read one projection, so the per-branch K/V tensors are identical
+    x = torch.randn(1, 24, C)
+    kv = shared._branch_kv(x, *tables(1, 24, Dk))
+    assert kv["cmp"][0] is kv["slc"][0] is kv["win"][0]
+    # mean pooling: the compressed key is the mean of the block's (RoPE'd) keys
+    k, v = kv["cmp"]
+    kc, vc = mean._compressed_kv(k, v, None)
+    assert kc.shape == (1, (24 - l) // 4 + 1, Hkv, Dk)
+    assert relerr(kc[:, 2], k[:, 8:16].mean(1)) < 1e-6
+    for layer in (shared, mean):
+        y = layer(x, *tables(1, 24, Dk))
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("variant", [{}, {"share_kv": True}, {"compress": "mean"}])
+def test_gradients_reach_every_parameter(variant):
+    layer = make_layer(2, **variant)
+    B, T = 2, 48
+    x = torch.randn(B, T, 32, requires_grad=True)
+    y = layer(x, *tables(B, T, 16))
+    (y * torch.randn_like(y)).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_rotary_convention_and_relative_positions():
+    D = 8
+    cos, sin = rotary_tables(torch.tensor([[0, 1, 5]]), D)
+    x = torch.randn(1, 3, 2, D)
+    y = apply_rotary(x, cos, sin)
+    assert relerr(y[:, 0], x[:, 0]) == 0  # position 0: identity
+    assert relerr(y.norm(dim=-1), x.norm(dim=-1)) < 1e-6  # a rotation
+    # rotate-half: pair (i, i + D/2) turns by angle p * theta^(-2i/D); check pair 0 at position 1
+    c, s = math.cos(1.0), math.sin(1.0)
+    x0, x4 = x[0, 1, 0, 0].item(), x[0, 1, 0, 4].item()
+    assert abs(y[0, 1, 0, 0].item() - (x0 * c - x4 * s)) < 1e-6
+    assert abs(y[0, 1, 0, 4].item() - (x4 * c + x0 * s)) < 1e-6
+    # <R(p) q, R(p') k> depends only on p - p'
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+    dots = []
+    for p in (3, 40):
+        cq, sq = rotary_tables(torch.tensor([[p + 7]]), D)
+        ck, sk = rotary_tables(torch.tensor([[p]]), D)
+        dots.append((apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item())
+    assert abs(dots[0] - dots[1]) < 1e-5
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rotary(x, cos[..., :2], sin[..., :2])
