@@ -38,7 +38,7 @@ class EvalLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.add_bos = add_bos
-        cfg_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+        cfg_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
         self.max_length = int(max_length or cfg_len or 4096)
         self.info = info
         param = next(model.parameters())
@@ -134,20 +134,13 @@ class EvalLM:
     @torch.no_grad()
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      stop_ids: Sequence[int] | None = None) -> list[list[int]]:
-        """Greedy continuation ids of each prompt (stop token excluded)."""
+        """Greedy continuation ids of each prompt (the stop token that ended a row is excluded)."""
         from train.model.generate import generate
 
         stops = list(stop_ids) if stop_ids is not None else [self.eos_id]
         out = generate(self.model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                        temperature=0.0, top_k=None, top_p=None, stop_ids=stops)
-        result = []
-        for p, seq in zip(prompts, out, strict=True):
-            seq = seq.tolist() if torch.is_tensor(seq) else list(seq)
-            if len(seq) >= len(p) and seq[: len(p)] == list(p) and len(seq) > max_new_tokens:
-                seq = seq[len(p):]
-            cut = next((k for k, tok in enumerate(seq) if tok in stops), len(seq))
-            result.append(seq[:cut])
-        return result
+        return [list(seq) for seq in out]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 1,
                  stop_strings: Sequence[str] = (), progress: bool = False, desc: str = "generate") -> list[str]:

@@ -1,0 +1,233 @@
+"""Needle in a haystack: retrieval accuracy on a (context length x needle depth) grid.
+
+A needle (a fact sentence, a passkey number, or RULER-style multi-key / multi-value
+"special magic number" lines) is inserted at a line boundary at relative depth
+``d`` (0 = start, 1 = end) of a haystack cut at line boundaries from a corpus (by
+default the Python standard library, the training corpus of the pystdlib data
+source). The prompt is built in token space ``[BOS] + prefix + haystack-with-needle
++ question``, so its length is within one corpus line of the target length. The
+model decodes greedily; a sample scores the fraction of expected answers found in
+the prediction (case-insensitive substring, RULER's ``string_match_all``), and
+``exact`` is 1 when the first line of the prediction is exactly the answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NEEDLE_KINDS = ("fact", "passkey", "multikey", "multivalue")
+KEY_WORDS = ("amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jasper",
+             "kelp", "lagoon", "meadow", "nickel", "onyx", "pebble", "quartz", "raven", "saffron", "tundra")
+
+
+@dataclass
+class Needle:
+    """What to insert and ask: ``lines`` (first one goes at the depth), ``question``, ``answers``."""
+
+    lines: list[str]
+    question: str
+    answers: list[str]
+    answer_prefix: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def make_needle(kind: str, rng: random.Random, cfg: Mapping) -> Needle:
+    """Draw one needle of ``kind`` (settings in ``cfg``: fact, passkey_digits, num_keys, num_values)."""
+    if kind == "fact":
+        fact = cfg["fact"]
+        return Needle([fact["needle"].strip() + "\n"], fact["question"], [fact["answer"]], fact.get("answer_prefix", ""))
+    if kind == "passkey":
+        digits = int(cfg.get("passkey_digits", 5))
+        key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        return Needle([f"The pass key is {key}. Remember it. {key} is the pass key.\n"],
+                      "What is the pass key?", [key], "The pass key is")
+    digits = int(cfg.get("value_digits", 7))
+    draw = lambda: str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+    line = "One of the special magic numbers for {k} is: {v}.\n"
+    if kind == "multikey":
+        n = int(cfg.get("num_keys", 4))
+        if not 1 <= n <= len(KEY_WORDS):
+            raise ValueError(f"num_keys must be in [1, {len(KEY_WORDS)}], got {n}")
+        keys = rng.sample(KEY_WORDS, n)
+        values = [draw() for _ in keys]
+        return Needle([line.format(k=k, v=v) for k, v in zip(keys, values, strict=True)],
+                      f"What is the special magic number for {keys[0]} mentioned in the provided text?",
+                      [values[0]], f"The special magic number for {keys[0]} mentioned in the provided text is",
+                      {"key": keys[0], "distractor_keys": keys[1:]})
+    if kind == "multivalue":
+        n = int(cfg.get("num_values", 4))
+        if n < 1:
+            raise ValueError(f"num_values must be >= 1, got {n}")
+        key = rng.choice(KEY_WORDS)
+        values = [draw() for _ in range(n)]
+        return Needle([line.format(k=key, v=v) for v in values],
+                      f"What are all the special magic numbers for {key} mentioned in the provided text?",
+                      values, f"The special magic numbers for {key} mentioned in the provided text are",
+                      {"key": key})
+    raise ValueError(f"unknown needle kind {kind!r}; known: {NEEDLE_KINDS}")
+
+
+def score_prediction(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
+    """(fraction of answers contained in the prediction, exact first-line match) in [0, 1]."""
+    if not answers:
+        raise ValueError("a needle needs at least one answer")
+    low = prediction.lower()
+    found = sum(a.lower() in low for a in answers) / len(answers)
+    first = prediction.strip().split("\n")[0].strip().rstrip(".").strip()
+    if len(answers) == 1:
+        exact = float(first == answers[0])
+    else:
+        exact = float(sorted(re.findall(r"\d+", first)) == sorted(answers))
+    return found, exact
+
+
+# ---------------------------------------------------------------- haystack
+
+
+def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int) -> list[str]:
+    """Lines (with their newlines) of the corpus, at most about ``max_chars`` characters.
+
+    ``corpus``: "pystdlib" / None (the standard library's .py files, sorted), a file,
+    a directory (its *.txt, *.md, *.py files, sorted), or a list of such paths.
+    """
+    if corpus in (None, "pystdlib"):
+        from data.sources import PyStdlibSource, stdlib_files
+
+        files = stdlib_files(PyStdlibSource())
+    else:
+        files = []
+        for item in [corpus] if isinstance(corpus, (str, Path)) else list(corpus):
+            p = Path(item)
+            if p.is_dir():
+                files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise ValueError(f"haystack corpus path {str(p)!r} does not exist")
+    lines, total = [], 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for line in text.splitlines(keepends=True):
+            if line.strip():
+                lines.append(line if line.endswith("\n") else line + "\n")
+                total += len(line)
+        if total >= max_chars:
+            break
+    if not lines:
+        raise ValueError(f"haystack corpus {corpus!r} has no text")
+    return lines
+
+
+class Haystack:
+    """Corpus lines with their token ids, to cut token-budgeted haystacks at line boundaries."""
+
+    def __init__(self, lines: Sequence[str], encode):
+        self.lines = list(lines)
+        self.ids = [list(encode(line)) for line in self.lines]
+        self.total_tokens = sum(len(x) for x in self.ids)
+
+    def take(self, start: int, budget: int) -> list[list[int]]:
+        """Consecutive lines from ``start`` (wrapping around) while their tokens fit in ``budget``."""
+        out, used, i = [], 0, start % len(self.ids)
+        for _ in range(len(self.ids) * 64):  # wrap around when the corpus is shorter than the budget
+            n = len(self.ids[i])
+            if used + n > budget:
+                break
+            out.append(self.ids[i])
+            used += n
+            i = (i + 1) % len(self.ids)
+        return out
+
+
+def insert_at_depth(chunks: list[list[int]], needle_chunks: Sequence[list[int]], depth: float,
+                    rng: random.Random) -> list[int]:
+    """Flatten line chunks with the first needle at line boundary round(depth * n_lines), others at random ones."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    slots: dict[int, list[list[int]]] = {}
+    slots.setdefault(round(depth * len(chunks)), []).append(needle_chunks[0])
+    for extra in needle_chunks[1:]:
+        slots.setdefault(rng.randint(0, len(chunks)), []).append(extra)
+    ids: list[int] = []
+    for k in range(len(chunks) + 1):
+        for n in slots.get(k, []):
+            ids += n
+        if k < len(chunks):
+            ids += chunks[k]
+    return ids
+
+
+def build_sample(lm, haystack: Haystack, needle: Needle, length: int, depth: float, rng: random.Random,
+                 cfg: Mapping) -> list[int]:
+    """Token ids of one prompt of about ``length`` tokens (never more)."""
+    prefix = lm.encode(cfg["prefix"])  # BOS + instruction
+    suffix = lm.tokenizer.encode(cfg["suffix"].format(question=needle.question, answer_prefix=needle.answer_prefix).rstrip(" "))
+    needle_ids = [list(lm.tokenizer.encode(line)) for line in needle.lines]
+    budget = length - len(prefix) - len(suffix) - sum(len(n) for n in needle_ids)
+    if budget < 1:
+        raise ValueError(f"context length {length} is too short for the prompt and needle "
+                         f"({length - budget} tokens without haystack)")
+    chunks = haystack.take(rng.randrange(len(haystack.lines)), budget)
+    return prefix + insert_at_depth(chunks, needle_ids, depth, rng) + suffix
+
+
+def run_niah(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Evaluate the grid; returns (results with grids and means, per-sample records)."""
+    kind = cfg["needle"]
+    lengths = [int(x) for x in cfg["context_lengths"]]
+    depths = [float(x) for x in cfg["depths"]]
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"depths must be fractions in [0, 1], got {depths}")
+    n = int(cfg.get("samples_per_cell", 1))
+    lines = corpus_lines(cfg.get("corpus"), max_chars=int(max(lengths) * float(cfg.get("chars_per_token", 8))))
+    haystack = Haystack(lines, lm.tokenizer.encode)
+    jobs = []
+    for li, length in enumerate(lengths):
+        for di, depth in enumerate(depths):
+            for s in range(n):
+                rng = random.Random(f"{cfg.get('seed', 0)}-{kind}-{length}-{depth}-{s}")
+                needle = make_needle(kind, rng, cfg)
+                jobs.append((li, di, s, needle, build_sample(lm, haystack, needle, length, depth, rng, cfg)))
+    preds = lm.generate([j[4] for j in jobs], int(cfg["max_new_tokens"]), batch_size=int(cfg.get("batch_size", 1)),
+                        progress=progress, desc=f"niah/{kind}")
+    records = []
+    score = [[0.0] * len(depths) for _ in lengths]
+    exact = [[0.0] * len(depths) for _ in lengths]
+    for (li, di, s, needle, ids), pred in zip(jobs, preds, strict=True):
+        found, ex = score_prediction(pred, needle.answers)
+        score[li][di] += found / n
+        exact[li][di] += ex / n
+        records.append({"kind": kind, "context_length": lengths[li], "depth": depths[di], "sample": s,
+                        "prompt_tokens": len(ids), "question": needle.question, "answers": needle.answers,
+                        "pred": pred, "score": found, "exact": ex, **needle.meta})
+    mean = lambda xs: sum(xs) / len(xs)
+    results = {
+        "needle": kind, "context_lengths": lengths, "depths": depths, "samples_per_cell": n,
+        "score": score, "exact": exact,
+        "per_length": {str(L): mean(score[i]) for i, L in enumerate(lengths)},
+        "per_depth": {str(d): mean([row[j] for row in score]) for j, d in enumerate(depths)},
+        "overall": mean([x for row in score for x in row]),
+        "overall_exact": mean([x for row in exact for x in row]),
+    }
+    return results, records
+
+
+def results_markdown(results: Mapping) -> str:
+    """results.md: the score grid (rows: depth, columns: context length) and the means."""
+    from eval.io import markdown_table
+
+    lengths, depths = results["context_lengths"], results["depths"]
+    headers = ["depth \\ length"] + [str(L) for L in lengths] + ["mean"]
+    rows = [[f"{d:.0%}"] + [results["score"][i][j] for i in range(len(lengths))] + [results["per_depth"][str(d)]]
+            for j, d in enumerate(depths)]
+    rows.append(["mean"] + [results["per_length"][str(L)] for L in lengths] + [results["overall"]])
+    return (f"# Needle in a haystack ({results['needle']})\n\nSubstring score (fraction of answers retrieved):\n\n"
+            + markdown_table(headers, rows, digits=2)
+            + f"\nOverall: {results['overall']:.3f}, exact first-line match: {results['overall_exact']:.3f}\n")

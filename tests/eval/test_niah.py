@@ -1,0 +1,86 @@
+"""NIAH: needles, scoring, haystack cutting and insertion, and the grid end to end on a tiny model."""
+
+import random
+
+import pytest
+
+from eval import niah
+from eval.niah import Haystack, insert_at_depth, make_needle, score_prediction
+
+CFG = {"fact": {"needle": "The key is blue.", "question": "What is the key?", "answer": "blue"},
+       "passkey_digits": 5, "value_digits": 7, "num_keys": 3, "num_values": 3}
+
+
+def test_needles():
+    rng = random.Random(0)
+    n = make_needle("passkey", rng, CFG)
+    assert len(n.answers[0]) == 5 and n.answers[0] in n.lines[0]
+    mk = make_needle("multikey", rng, CFG)
+    assert len(mk.lines) == 3 and mk.answers[0] in mk.lines[0] and mk.meta["key"] in mk.question
+    mv = make_needle("multivalue", rng, CFG)
+    assert len(mv.answers) == 3 and all(v in line for v, line in zip(mv.answers, mv.lines, strict=True))
+    assert make_needle("fact", rng, CFG).lines == ["The key is blue.\n"]
+    with pytest.raises(ValueError, match="unknown needle kind"):
+        make_needle("haiku", rng, CFG)
+
+
+def test_score_prediction():
+    assert score_prediction(" 12345.\nmore", ["12345"]) == (1.0, 1.0)
+    assert score_prediction("it is 12345", ["12345"]) == (1.0, 0.0)
+    assert score_prediction("1, 3", ["1", "2", "3"]) == (2 / 3, 0.0)
+    assert score_prediction("3, 1, 2", ["1", "2", "3"]) == (1.0, 1.0)
+    assert score_prediction("BLUE", ["blue"]) == (1.0, 0.0)
+
+
+def test_haystack_take_and_insert():
+    hay = Haystack(["aa\n", "bbb\n", "c\n"], lambda s: [ord(ch) for ch in s])
+    assert hay.total_tokens == 9
+    assert hay.take(0, 7) == [[97, 97, 10], [98, 98, 98, 10]]
+    assert hay.take(2, 9) == [[99, 10], [97, 97, 10], [98, 98, 98, 10]]  # wraps around
+    assert hay.take(0, 2) == []
+    chunks = [[1], [2], [3], [4]]
+    rng = random.Random(0)
+    assert insert_at_depth(chunks, [[9]], 0.0, rng) == [9, 1, 2, 3, 4]
+    assert insert_at_depth(chunks, [[9]], 0.5, rng) == [1, 2, 9, 3, 4]
+    assert insert_at_depth(chunks, [[9]], 1.0, rng) == [1, 2, 3, 4, 9]
+    both = insert_at_depth(chunks, [[9], [8]], 0.5, rng)
+    assert sorted(both) == [1, 2, 3, 4, 8, 9] and both.index(9) == 2 or both.index(9) == 3
+    with pytest.raises(ValueError, match="depth"):
+        insert_at_depth(chunks, [[9]], 1.5, rng)
+
+
+def test_corpus_lines(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line")
+    assert niah.corpus_lines(tmp_path, 1000) == ["first line\n", "second line\n"]
+    assert len(niah.corpus_lines("pystdlib", 2000)) > 10
+    with pytest.raises(ValueError, match="does not exist"):
+        niah.corpus_lines(tmp_path / "missing", 10)
+
+
+@pytest.mark.parametrize("kind,samples", [("passkey", 2), ("multivalue", 1)])
+def test_run_niah_tiny_model(tiny_lm, kind, samples, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load("configs/eval/niah.yaml"))
+    cfg.update(needle=kind, context_lengths=[320, 448], depths=[0.0, 0.5, 1.0], samples_per_cell=samples, max_new_tokens=6,
+               num_values=2)
+    results, records = niah.run_niah(tiny_lm, cfg, progress=False)
+    assert len(records) == 2 * 3 * samples
+    assert all(r["prompt_tokens"] <= r["context_length"] for r in records)
+    # cut at a line boundary: one tiny-vocab code line can be ~60 tokens, so allow a quarter of the length
+    assert all(r["prompt_tokens"] >= 0.75 * r["context_length"] for r in records)
+    assert len(results["score"]) == 2 and len(results["score"][0]) == 3
+    assert all(0.0 <= x <= 1.0 for row in results["score"] for x in row)
+    assert set(results["per_length"]) == {"320", "448"} and set(results["per_depth"]) == {"0.0", "0.5", "1.0"}
+    assert "| 50% |" in niah.results_markdown(results)
+    from eval.plots import niah_heatmap
+
+    png = niah_heatmap(results["score"], results["context_lengths"], results["depths"], tmp_path / "h.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_too_short_context_is_an_error(tiny_lm):
+    cfg = dict(CFG, prefix="Find it.\n", suffix="\n{question} {answer_prefix}", needle="passkey",
+               context_lengths=[8], depths=[0.5], max_new_tokens=2, corpus="pystdlib")
+    with pytest.raises(ValueError, match="too short"):
+        niah.run_niah(tiny_lm, cfg, progress=False)
