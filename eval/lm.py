@@ -94,10 +94,22 @@ class EvalLM:
         return logits.float()
 
     @torch.no_grad()
-    def token_nll(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """NLL of each next token: ``[B, T-1]`` float32, entry t scores token t+1 given tokens <= t."""
-        logp = torch.log_softmax(self.logits(input_ids)[:, :-1], dim=-1)
-        return -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    def token_nll(self, input_ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """NLL of each next token: ``[B, T-1]`` float32, entry t scores token t+1 given tokens <= t.
+
+        The float32 log-softmax is taken ``chunk`` positions at a time, so a 64k-token
+        row never materialises a second full-vocabulary float32 copy of the logits.
+        """
+        b, t = input_ids.shape
+        pos = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        out = self.model(input_ids, position_ids=pos)
+        logits = out.logits if hasattr(out, "logits") else out
+        nll = torch.empty(b, t - 1, dtype=torch.float32, device=logits.device)
+        for s in range(0, t - 1, chunk):
+            e = min(s + chunk, t - 1)
+            logp = torch.log_softmax(logits[:, s:e].float(), dim=-1)
+            nll[:, s:e] = -logp.gather(-1, input_ids[:, s + 1: e + 1].unsqueeze(-1)).squeeze(-1)
+        return nll
 
     @torch.no_grad()
     def loglikelihood(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
