@@ -122,6 +122,8 @@ def make_needle_document(rng, n_filler: int, depth: float, *, num_needles: int =
     ``haystack`` (a list of sentences) replaces the built-in filler sentences.
     """
     r = _as_random(rng)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
     if num_needles < 1:
         raise ValueError(f"num_needles must be >= 1, got {num_needles}")
     keys = []
