@@ -1,0 +1,96 @@
+"""Shared helpers for the trainer tests: a tiny prepared dataset and `python -m train` launchers.
+
+The dataset is learnable (each document counts up by a fixed stride modulo the
+vocabulary), so a tiny model's loss falls within a few steps, and it is written in
+the exact format of ``data.prepare`` (shards + meta.json + tokenizer.model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+VOCAB = 320  # tokenizer size; the tiny_cpu model has 512 embedding rows
+
+
+def make_dataset(root: Path, n_train: int = 400, n_val: int = 20, seed: int = 0) -> Path:
+    """Prepared data dir with train/validation shards of counting documents."""
+    from data.prepare import SPLITS
+    from data.shards import FORMAT_VERSION, write_shard
+    from data.tokenizer import train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    text = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
+    tok = train_tokenizer(text, root / "tokenizer.model", vocab_size=VOCAB, input_sentence_size=0)
+    vocab = tok.vocab_size  # SentencePiece may stop below VOCAB on this small text
+    rng = np.random.default_rng(seed)
+
+    def docs(n):
+        out = []
+        for _ in range(n):
+            length, start, stride = int(rng.integers(20, 90)), int(rng.integers(4, vocab)), int(rng.integers(1, 4))
+            out.append(4 + (start + stride * np.arange(length)) % (vocab - 4))
+        return out
+
+    splits = {}
+    for split, n in zip(SPLITS, (n_train, n_val), strict=True):
+        d = docs(n)
+        write_shard(root / f"{split}-00000.bin", d, vocab)
+        splits[split] = {"documents": n, "tokens": int(sum(len(x) for x in d)), "shards": [f"{split}-00000.bin"]}
+    meta = {"format_version": FORMAT_VERSION, "config_hash": "test", "name": "counting", "data": {}, "seed": seed,
+            "tokenizer": {"file": "tokenizer.model", "source_path": str(tok.path), "sha256": tok.sha256,
+                          "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                          "pad_id": tok.pad_id},
+            "vocab_size": tok.vocab_size, "splits": splits}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def base_overrides(data_dir: Path, out: Path, run_name: str = "t") -> list[str]:
+    return ["experiment=tiny_cpu", f"data.out_dir={data_dir}", f"tokenizer.path={data_dir / 'tokenizer.model'}",
+            f"tokenizer.vocab_size={VOCAB}", f"output_root={out}", f"run_name={run_name}"]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(v, None)
+    return e
+
+
+def cmd(overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PY, "-m", "train", *overrides]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+            "-m", "train", *overrides]
+
+
+def train(overrides: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, **kw):
+    """Run the trainer to completion; returns the CompletedProcess (stdout+stderr merged)."""
+    p = subprocess.run(cmd(overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"trainer exited {p.returncode}:\n{p.stdout[-6000:]}")
+    return p
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in metrics(run_dir)}
+
+
+def weights(export_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_dir / "model.safetensors"))

@@ -1,0 +1,115 @@
+"""Process group and DeepSpeed engine setup.
+
+``setup_env`` gives every launch the torchrun environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun sets it, a SLURM task (sbatch/srun or
+the submitit launcher) has it derived from SLURM_*, and a plain ``python -m train``
+becomes a world of one. Without it DeepSpeed would look for mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().hostnames[0]
+    except Exception:
+        out = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[0]
+
+
+def setup_env() -> str:
+    """Fill in the torchrun variables when absent; returns how the process was launched."""
+    env = os.environ
+    if all(v in env for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        env.setdefault("LOCAL_RANK", "0")
+        return "torchrun"
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env.get("SLURM_LOCALID", "0")
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return "slurm"
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    return "single"
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def init_distributed(device: str, timeout_minutes: float = 30.0) -> tuple[int, int, int]:
+    """gloo on CPU, NCCL on GPUs. Returns (rank, local_rank, world_size)."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                               timeout=timedelta(minutes=timeout_minutes))
+    import torch.distributed as dist
+
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def teardown_distributed(launch: str) -> None:
+    """Destroy the process group (else one rank may abort at exit); forget a world of one we made."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if launch == "single":
+        for v in TORCHRUN_VARS:
+            os.environ.pop(v, None)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (ndim >= 2) only; norms, biases and gates' scalars get none."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg, model, ds_config: dict):
+    """AdamW + ``deepspeed.initialize``; the engine's checkpoint reads are made pickle-safe."""
+    import deepspeed
+    import torch
+
+    from train.checkpoint import make_engine_loads_safe
+
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, float(o.weight_decay)), lr=float(o.lr),
+                            betas=(float(o.beta1), float(o.beta2)), eps=float(o.eps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    make_engine_loads_safe(engine)
+    if cfg.train.compile:
+        engine.compile()
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
