@@ -260,7 +260,12 @@ def load_documents(src: Source):
         if src.streaming:
             if src.max_documents is None:
                 raise ValueError("a streaming hub source needs max_documents")
-            rows = [r[src.text_field] for r in ds.take(src.max_documents)]
+            rows = []
+            for r in ds.take(src.max_documents):
+                if src.text_field not in r:
+                    raise ValueError(f"hub dataset {src.path!r} has no text field {src.text_field!r}; "
+                                     f"fields are {sorted(r)}")
+                rows.append(r[src.text_field])
             ds = datasets.Dataset.from_dict({"text": rows})
         else:
             ds = _select_text(ds, src.text_field, f"hub dataset {src.path!r}")

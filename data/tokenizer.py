@@ -101,7 +101,7 @@ class TokenizerConfig:
 
     name: str = "bpe4096"
     path: str | None = None  # default: outputs/tokenizers/<name>.model
-    vocab_size: int = 4096
+    vocab_size: int | None = 4096  # null: accept whatever an existing file has
     model_type: str = "bpe"
     input_sentence_size: int = 2000  # text chunks sampled for training; keeps the demo at seconds
     chunk_chars: int = 4096  # documents are cut at line ends into chunks of at most this many chars
@@ -178,10 +178,17 @@ def get_tokenizer(tok_cfg, data_cfg=None, *, log=print) -> Tokenizer:
     cfg = tok_cfg if isinstance(tok_cfg, TokenizerConfig) else tokenizer_config_from_dict(tok_cfg)
     path = cfg.model_path()
     if path.is_file():
-        return Tokenizer(path)
+        tok = Tokenizer(path)
+        if cfg.vocab_size is not None and tok.vocab_size != cfg.vocab_size:
+            raise ValueError(f"tokenizer {path} has vocab_size {tok.vocab_size} but tokenizer {cfg.name!r} asks for "
+                             f"{cfg.vocab_size}: set tokenizer.vocab_size={tok.vocab_size} (or null), or point "
+                             f"tokenizer.path elsewhere to train a new one")
+        return tok
     if data_cfg is None:
         raise ValueError(f"tokenizer {path} does not exist and no data source was given to train it on")
     dcfg = data_cfg if isinstance(data_cfg, DataConfig) else data_config_from_dict(data_cfg)
+    if cfg.vocab_size is None:
+        raise ValueError(f"tokenizer {path} does not exist; set tokenizer.vocab_size to train one")
     log(f"training tokenizer {cfg.name} (vocab {cfg.vocab_size}) on {dcfg.name} -> {path}")
     docs = load_documents(dcfg.source)
     return train_tokenizer(docs["text"], path, vocab_size=cfg.vocab_size, model_type=cfg.model_type,

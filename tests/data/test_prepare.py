@@ -34,7 +34,7 @@ def data_cfg(path, **kw):
 
 
 def tok_cfg(tokenizer):
-    return {"name": "t512", "path": tokenizer.path}
+    return {"name": "t512", "path": tokenizer.path, "vocab_size": tokenizer.vocab_size}
 
 
 def decoded(out, split, tok):
@@ -122,7 +122,8 @@ def test_pystdlib_selection():
 
 def test_pystdlib_subset_prepare_and_cli(tmp_path, tokenizer, capsys):
     args = ["data=pystdlib", "data.source.max_documents=12", "data.validation_fraction=0.2",
-            f"tokenizer.path={tokenizer.path}", f"out_dir={tmp_path / 'std'}"]
+            f"tokenizer.path={tokenizer.path}", "tokenizer.vocab_size=512",
+            f"out_dir={tmp_path / 'std'}"]
     main(args)
     meta = json.loads((tmp_path / "std" / "meta.json").read_text())
     texts = list(load_documents(PyStdlibSource(max_documents=12))["text"])
@@ -145,3 +146,22 @@ def test_mixture_source(tmp_path, jsonl):
     assert np.mean(["pass key" in d for d in docs]) < 0.5, "the heavier source dominates"
     with pytest.raises(ValueError, match="weights must be > 0"):
         source_from_dict({"kind": "mixture", "components": [{"weight": 0, "source": {"kind": "pystdlib"}}]})
+
+
+def test_local_text_and_parquet_formats(tmp_path):
+    import datasets
+
+    for i, t in enumerate(TEXTS[:3]):
+        (tmp_path / f"f{i}.txt").write_text(t)
+    docs = load_documents(source_from_dict({"kind": "local", "data_files": str(tmp_path / "*.txt")}))
+    assert sorted(docs["text"]) == sorted(TEXTS[:3]), "a text file is one document, whitespace kept"
+    datasets.Dataset.from_dict({"content": TEXTS[:4]}).to_parquet(str(tmp_path / "d.parquet"))
+    docs = load_documents(source_from_dict({"kind": "local", "data_files": str(tmp_path / "d.parquet"),
+                                            "text_field": "content"}))
+    assert list(docs["text"]) == TEXTS[:4]
+
+
+def test_existing_tokenizer_with_other_vocab_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="has vocab_size 512 but tokenizer 'x' asks for 4096"):
+        get_tokenizer({"name": "x", "path": tokenizer.path, "vocab_size": 4096})
+    assert get_tokenizer({"name": "x", "path": tokenizer.path, "vocab_size": None}).vocab_size == 512
