@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +166,22 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
         num_threads=num_threads, minloglevel=2, shuffle_input_sentence=False)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    _sidecar(out_path).write_text(json.dumps({"vocab_size": vocab_size, "model_type": model_type,
+                                              "input_sentence_size": input_sentence_size, "seed": seed}))
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(out_path)
     return Tokenizer(out_path)
+
+
+def _sidecar(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + ".json")
+
+
+def requested_vocab_size(model_path: str | Path) -> int | None:
+    """The vocab size a model trained here was asked for (from ``<model>.json``), None for foreign models."""
+    side = _sidecar(Path(model_path))
+    return json.loads(side.read_text()).get("vocab_size") if side.is_file() else None
 
 
 def get_tokenizer(tok_cfg, data_cfg=None, *, log=print) -> Tokenizer:
@@ -179,10 +192,12 @@ def get_tokenizer(tok_cfg, data_cfg=None, *, log=print) -> Tokenizer:
     path = cfg.model_path()
     if path.is_file():
         tok = Tokenizer(path)
-        if cfg.vocab_size is not None and tok.vocab_size != cfg.vocab_size:
-            raise ValueError(f"tokenizer {path} has vocab_size {tok.vocab_size} but tokenizer {cfg.name!r} asks for "
-                             f"{cfg.vocab_size}: set tokenizer.vocab_size={tok.vocab_size} (or null), or point "
-                             f"tokenizer.path elsewhere to train a new one")
+        requested = requested_vocab_size(path)  # SentencePiece may stop below the requested size
+        if cfg.vocab_size is not None and cfg.vocab_size != (requested or tok.vocab_size):
+            raise ValueError(f"tokenizer {path} has vocab_size {requested or tok.vocab_size} but tokenizer "
+                             f"{cfg.name!r} asks for {cfg.vocab_size}: set tokenizer.vocab_size="
+                             f"{requested or tok.vocab_size} (or null), or point tokenizer.path elsewhere to "
+                             f"train a new one")
         return tok
     if data_cfg is None:
         raise ValueError(f"tokenizer {path} does not exist and no data source was given to train it on")

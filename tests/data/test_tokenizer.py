@@ -82,3 +82,16 @@ def test_cli_trains_then_loads(tmp_path, capsys):
     main(args)
     assert "training tokenizer" not in capsys.readouterr().out
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_small_corpus_stops_below_requested_vocab_and_reloads(tmp_path):
+    """On tiny text SentencePiece stops early; reusing the file with the same config must still work."""
+    from data.tokenizer import get_tokenizer
+
+    path = tmp_path / "tiny.model"
+    tok = train_tokenizer(["def f(x):\n    return x\n"] * 3, path, vocab_size=2000)
+    assert tok.vocab_size < 2000
+    cfg = {"name": "tiny", "path": str(path), "vocab_size": 2000}
+    assert get_tokenizer(cfg).vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="asks for 4096"):
+        get_tokenizer(cfg | {"vocab_size": 4096})
