@@ -53,11 +53,11 @@ def interpreter_upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact ("ieee") for float32 inputs, else the default.
+    """``tl.dot`` input precision: exact ("ieee") for float32/64 inputs, else the default.
 
     float32 inputs are the accuracy path (tests, debugging), so TF32 is avoided there.
     """
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def next_pow2(n: int) -> int:

@@ -17,6 +17,8 @@ Tolerances on ``||a - b|| / ||b||``:
 import pytest
 import torch
 
+import nsa
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -63,12 +65,8 @@ def check(outs, grads, ref_outs, ref_grads, tol):
 
 
 def _compressed(q, k, v, block_len, stride, cu, backend):
-    if backend == "triton":
-        from nsa.ops.compressed_attention.triton import compressed_attention
-    else:
-        from nsa.ops.compressed_attention.reference import compressed_attention
-    o, lse = compressed_attention(q, k, v, block_len=block_len, stride=stride, scale=0.3, cu_seqlens=cu)
-    return o, lse
+    return nsa.compressed_attention(q, k, v, block_len=block_len, stride=stride, scale=0.3, cu_seqlens=cu,
+                                    backend=backend)
 
 
 def _num_cmp(length, block_len, stride):
@@ -122,11 +120,7 @@ def test_compressed_shorter_than_one_block(dtype):
 
 
 def _window(q, k, v, window, cu, backend):
-    if backend == "triton":
-        from nsa.ops.sliding_window_attention.triton import sliding_window_attention
-    else:
-        from nsa.ops.sliding_window_attention.reference import sliding_window_attention
-    return (sliding_window_attention(q, k, v, window=window, scale=0.3, cu_seqlens=cu),)
+    return (nsa.sliding_window_attention(q, k, v, window=window, scale=0.3, cu_seqlens=cu, backend=backend),)
 
 
 WIN_CASES = {
@@ -160,6 +154,24 @@ def test_window_of_one_is_identity():
     assert rel(o, v.repeat_interleave(2, dim=2)) < 1e-6
     o.square().sum().backward()
     assert q.grad.abs().max() < 1e-5 * v.grad.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="paper-sized shapes are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_paper_dims_on_gpu(dtype):
+    """Paper head dims (Dk 192, Dv 128, G 16, l 32, d 16, w 512) at T = 1500: the GPU tile
+    configs (several query and key tiles, masked and unmasked) against the torch backend."""
+    T, H, Hkv, Dk, Dv, l, d, w = 1500, 16, 1, 192, 128, 32, 16, 512
+    q, k, v = inputs(1, T, H, Hkv, Dk, Dv, T, dtype)
+    kc, vc = [x[:, : _num_cmp(T, l, d)].detach().requires_grad_() for x in (k, v)]
+    do = torch.randn(1, T, H, Dv, device=DEVICE)
+    res = run_both(lambda *x: _compressed(*x, l, d, None, "triton"), lambda *x: _compressed(*x, l, d, None, "torch"),
+                   [q, kc, vc], [do, torch.zeros(1, T, H, device=DEVICE)])
+    check(*res, TOL[dtype])
+    res = run_both(lambda *x: _window(*x, w, None, "triton"), lambda *x: _window(*x, w, None, "torch"),
+                   [q.detach().requires_grad_(), k, v], [do])
+    check(*res, TOL[dtype])
 
 
 # ----------------------------------------------------------------------------- custom ops
