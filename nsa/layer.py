@@ -74,9 +74,11 @@ class BlockCompressor(nn.Module):
     ``"mlp"``: ``Linear(l*D -> h) -> SiLU -> Linear(h -> D)`` applied to the
     flattened block plus a learned intra-block position embedding ``pe [l, D]``;
     weights shared across KV heads. ``"mean"``: parameter-free mean over the block.
+    ``out_bias=False`` for keys: a bias shared by every compressed key shifts all of
+    a query's scores equally, which softmax ignores, so it could never learn.
     """
 
-    def __init__(self, block_len: int, dim: int, hidden: int | None, mode: str):
+    def __init__(self, block_len: int, dim: int, hidden: int | None, mode: str, out_bias: bool = True):
         super().__init__()
         self.block_len, self.dim, self.mode = block_len, dim, mode
         if mode == "mlp":
@@ -84,7 +86,7 @@ class BlockCompressor(nn.Module):
             self.pe = nn.Parameter(torch.zeros(block_len, dim))
             self.fc1 = nn.Linear(block_len * dim, h)
             self.act = nn.SiLU()
-            self.fc2 = nn.Linear(h, dim)
+            self.fc2 = nn.Linear(h, dim, bias=out_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,7 +97,8 @@ class BlockCompressor(nn.Module):
         nn.init.zeros_(self.pe)
         for fc in (self.fc1, self.fc2):
             nn.init.normal_(fc.weight, std=fc.in_features ** -0.5)
-            nn.init.zeros_(fc.bias)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":
@@ -125,7 +128,7 @@ class NSAAttention(nn.Module):
         self.kv_proj = nn.Linear(C, self.branches_kv * Hkv * (Dk + Dv), bias=False)
         self.gate_proj = nn.Linear(C, 3 * H, bias=True)
         self.o_proj = nn.Linear(H * Dv, C, bias=False)
-        self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress)
+        self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress, out_bias=False)
         self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
         self.scale = Dk ** -0.5
         self.last_gate_means: dict[str, torch.Tensor] = {}

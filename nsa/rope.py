@@ -14,7 +14,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x`` [B, T, H, D] by angles given as ``cos``/``sin`` [B, T, D//2].
 
     Rotate-half convention: the pair rotated together is ``(x[..., i], x[..., i + D//2])``.
-    The rotation runs in float32 (positions up to 64k+ lose precision in bf16)
+    The rotation runs in float32, float64 for float64 input (bf16 loses precision at large positions)
     and the result is cast back to ``x.dtype``.
     """
     if x.dim() != 4:
@@ -27,10 +27,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         raise ValueError(
             f"apply_rotary: cos/sin must be [B, T, D//2] = {want}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
-    xf = x.float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
     x1, x2 = xf[..., : D // 2], xf[..., D // 2 :]
-    c = cos.float().unsqueeze(2)
-    s = sin.float().unsqueeze(2)
+    c = cos.to(acc).unsqueeze(2)
+    s = sin.to(acc).unsqueeze(2)
     out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     return out.to(x.dtype)
 
