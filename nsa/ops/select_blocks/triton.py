@@ -112,7 +112,7 @@ def _select_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
             m_i = m_new
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), 0.0)
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 
     # running top-n per query position: values and block indices
     T_rows = t0 + tl.arange(0, BLOCK_T)
