@@ -42,12 +42,47 @@ def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
     )
 
 
-def run_wandb_group(run_dir: Path | None) -> str | None:
-    """The wandb group recorded in the run's config.yaml (``wandb.group``), if any."""
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+def run_config(run_dir: Path | None):
+    """The run's saved config.yaml as a DictConfig (None without one)."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         return None
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    group = OmegaConf.select(cfg, "wandb.group", default=None)
-    return str(group) if group else None
+    return OmegaConf.load(Path(run_dir) / "config.yaml")
+
+
+def _select(cfg, *keys):
+    from omegaconf import OmegaConf
+
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def run_wandb_group(run_dir: Path | None) -> str | None:
+    """The run's wandb group: ``logging.wandb.group`` (or ``wandb.group``), else the experiment ``name``."""
+    cfg = run_config(run_dir)
+    if cfg is None:
+        return None
+    group = _select(cfg, "logging.wandb.group", "wandb.group", "name")
+    return str(group) if group is not None else None
+
+
+def run_wandb_project(run_dir: Path | None) -> str | None:
+    cfg = run_config(run_dir)
+    project = _select(cfg, "logging.wandb.project", "wandb.project") if cfg is not None else None
+    return str(project) if project is not None else None
+
+
+def run_data_dir(run_dir: Path | None) -> Path | None:
+    """Where ``data.prepare`` wrote the run's shards: ``data.out_dir`` or outputs/data/<data>-<tokenizer>."""
+    cfg = run_config(run_dir)
+    if cfg is None:
+        return None
+    out = _select(cfg, "data.out_dir")
+    if out is not None:
+        return Path(str(out))
+    data, tok = _select(cfg, "data.name"), _select(cfg, "tokenizer.name")
+    return Path("outputs/data") / f"{data}-{tok}" if data is not None and tok is not None else None

@@ -40,7 +40,9 @@ def _make_run(root: Path, kind: str, tok_file: Path) -> Path:
             if step % 5 == 0:
                 row["val/loss"] = 6.1 - 0.2 * step
             f.write(json.dumps(row) + "\n")
-    (run / "config.yaml").write_text(f"run_name: tiny-{kind}\nwandb:\n  group: tiny-group\n  project: nsa-tests\n")
+    (run / "config.yaml").write_text(
+        f"name: tiny\nrun_name: tiny-{kind}\nlogging:\n  wandb:\n    group: null\n    project: nsa-tests\n"
+        "data:\n  name: pystdlib\n  out_dir: null\ntokenizer:\n  name: bpe4096\n")
     return run
 
 

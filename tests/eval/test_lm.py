@@ -1,9 +1,11 @@
 """EvalLM: checkpoint resolution, batched log-likelihood vs unbatched NLL, greedy generation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from eval.checkpoint import resolve_checkpoint, run_wandb_group
+from eval.checkpoint import resolve_checkpoint, run_data_dir, run_wandb_group, run_wandb_project
 from eval.lm import _dtype, cut_at_stop
 
 
@@ -12,7 +14,9 @@ def test_resolve_checkpoint(tiny_runs, tmp_path):
     a, b = resolve_checkpoint(run), resolve_checkpoint(run / "export")
     assert a.export_dir == b.export_dir == (run / "export").resolve()
     assert a.run_dir == b.run_dir == run.resolve() and a.name == b.name == "tiny-nsa"
-    assert run_wandb_group(a.run_dir) == "tiny-group"
+    assert run_wandb_group(a.run_dir) == "tiny"  # logging.wandb.group is null: the experiment name
+    assert run_wandb_project(a.run_dir) == "nsa-tests"
+    assert run_data_dir(a.run_dir) == Path("outputs/data/pystdlib-bpe4096")
     with pytest.raises(ValueError, match="neither an export dir"):
         resolve_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
