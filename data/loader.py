@@ -67,7 +67,16 @@ def resolve_shards(data, split: str) -> tuple[list[Path], dict]:
 
 
 class PackedLoader:
-    """Iterate batches of packed (or padded) rows; see the module docstring for the layout."""
+    """Iterate batches of packed (or padded) rows; see the module docstring for the layout.
+
+    data: a prepared directory (reads meta.json: shard list, special ids, vocab) or shard paths
+    (then pass bos_id / eos_id / pad_id). shuffle: documents and rows, per epoch, from ``seed``.
+    drop_last: drop the tail tokens that do not fill a row and the tail rows that do not fill a
+    step; without it they are padded (ranks may then get all-padding rows: every label -100).
+    epochs: stop after this many epochs in total (None: endless). vocab_size: if given, shards
+    must have been tokenised with exactly this vocabulary. num_workers: threads building
+    batches (0: in the consumer), prefetch: batches built ahead.
+    """
 
     def __init__(self, data, *, split: str = "train", seq_len: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, packed: bool = True, shuffle: bool = True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def config_hash(dcfg: DataConfig, tok: Tokenizer) -> str:
     """Hash of everything that changes the shards' content (not num_proc or out_dir)."""
     d = to_plain(dcfg)
     d.pop("num_proc"), d.pop("out_dir")
-    blob = json.dumps({"data": d, "tokenizer_sha256": tok.sha256, "format": FORMAT_VERSION},
+    # the Python version pins the pystdlib corpus (it is the running interpreter's library)
+    blob = json.dumps({"data": d, "tokenizer_sha256": tok.sha256, "format": FORMAT_VERSION,
+                       "python": platform.python_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -57,8 +60,13 @@ def split_documents(n_docs: int, dcfg: DataConfig) -> dict[str, np.ndarray]:
     return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val])}
 
 
-def _encode(batch: dict, model_path: str) -> dict:
-    """datasets.map worker: text -> ids (one tokenizer per process)."""
+def _encode(batch: dict, model_path: str, sha256: str) -> dict:
+    """datasets.map worker: text -> ids (one tokenizer per process).
+
+    ``sha256`` is unused here but part of datasets' cache fingerprint, so a tokenizer
+    retrained at the same path never reuses a stale cached tokenisation.
+    """
+    del sha256
     tok = _WORKER_TOKENIZERS.get(model_path)
     if tok is None:
         tok = _WORKER_TOKENIZERS[model_path] = Tokenizer(model_path)
@@ -125,7 +133,7 @@ def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool
         stale.unlink(missing_ok=True)
     log(f"tokenising {len(docs)} documents of {dcfg.name} with {Path(tok.path).name} -> {out}")
     tokenized = docs.map(_encode, batched=True, batch_size=64, num_proc=max(1, min(dcfg.num_proc, len(docs))),
-                         fn_kwargs={"model_path": tok.path}, remove_columns=["text"], desc="tokenise")
+                         fn_kwargs={"model_path": tok.path, "sha256": tok.sha256}, remove_columns=["text"], desc="tokenise")
     meta_splits = {s: _write_split(tokenized, splits[s], out, s, tok.vocab_size, dcfg.shard_max_tokens)
                    for s in SPLITS}
     shutil.copyfile(tok.path, out / "tokenizer.model")

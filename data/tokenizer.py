@@ -157,13 +157,16 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
     if input_sentence_size and len(chunks) > input_sentence_size:
         chunks = random.Random(seed).sample(chunks, input_sentence_size)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=split_digits,
-        max_sentence_length=chunk_chars * 4 + 16, character_coverage=character_coverage,
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, hard_vocab_limit=False,
-        num_threads=num_threads, minloglevel=2, shuffle_input_sentence=False)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=split_digits,
+            max_sentence_length=chunk_chars * 4 + 16, character_coverage=character_coverage,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, hard_vocab_limit=False,
+            num_threads=num_threads, minloglevel=2, shuffle_input_sentence=False)
+    except RuntimeError as e:  # e.g. more distinct characters than vocab_size leaves room for
+        raise ValueError(f"sentencepiece could not train {out_path}: {e}") from e
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _sidecar(out_path).write_text(json.dumps({"vocab_size": vocab_size, "model_type": model_type,

@@ -165,3 +165,16 @@ def test_existing_tokenizer_with_other_vocab_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="has vocab_size 512 but tokenizer 'x' asks for 4096"):
         get_tokenizer({"name": "x", "path": tokenizer.path, "vocab_size": 4096})
     assert get_tokenizer({"name": "x", "path": tokenizer.path, "vocab_size": None}).vocab_size == 512
+
+
+def test_retrained_tokenizer_at_same_path_is_not_served_from_cache(tmp_path, jsonl, stdlib_texts):
+    """datasets caches map() results of file-backed data; the tokenizer's hash is part of that key."""
+    from data.tokenizer import train_tokenizer
+
+    path = tmp_path / "tok.model"
+    for i, vocab in enumerate((400, 700)):
+        tok = train_tokenizer(stdlib_texts[:10], path, vocab_size=vocab, input_sentence_size=200)
+        cfg = {"name": "re", "path": str(path), "vocab_size": vocab}
+        out = prepare(data_cfg(jsonl, validation_fraction=0.0), cfg, tmp_path / f"o{i}")
+        shard = Shard(out / "train-00000.bin", tok.vocab_size)
+        assert [list(shard.doc(j)) for j in range(len(shard))] == [tok.encode(t) for t in TEXTS]

@@ -95,3 +95,9 @@ def test_small_corpus_stops_below_requested_vocab_and_reloads(tmp_path):
     assert get_tokenizer(cfg).vocab_size == tok.vocab_size
     with pytest.raises(ValueError, match="asks for 4096"):
         get_tokenizer(cfg | {"vocab_size": 4096})
+
+
+def test_too_many_characters_for_vocab_is_a_value_error(tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(600))  # 600 distinct CJK characters
+    with pytest.raises(ValueError, match="could not train .*Vocabulary size is smaller than required_chars"):
+        train_tokenizer([text] * 5, tmp_path / "cjk.model", vocab_size=300)
