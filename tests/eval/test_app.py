@@ -48,7 +48,6 @@ def test_cli_niah_with_offline_wandb(tiny_runs, tmp_path):
 
 def test_mmlu_longbench_ppl(tiny_runs, tmp_path):
     from data.shards import write_shard
-
     from eval.app import run_task
     from eval.lm import EvalLM
 
@@ -86,9 +85,8 @@ def test_bad_task_and_missing_data(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 def test_general_suite_through_lm_eval(tiny_runs, tmp_path):
-    from tests.eval.test_lm_eval_adapter import FIXTURE, TASKS
-
     from eval.app import run_task
+    from tests.eval.test_lm_eval_adapter import FIXTURE, TASKS
 
     (tmp_path / "tiny_mc.yaml").write_text(TASKS.format(
         name="tiny_mc", data=FIXTURE, output_type="multiple_choice", target="answer",
