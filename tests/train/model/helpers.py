@@ -1,6 +1,5 @@
 """Small configurations shared by the model tests (CPU, float64 where numerics are compared)."""
 
-import pytest
 import torch
 
 from train.model import AttentionConfig, ModelConfig, MoEConfig
@@ -29,12 +28,4 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def nsa_ready() -> bool:
-    """The NSA layer needs the functional ops (nsa.compressed_attention, ...)."""
-    import nsa
-
-    return all(hasattr(nsa, op) for op in ("compressed_attention", "select_blocks", "selected_attention",
-                                           "sliding_window_attention"))
-
-
-KINDS = ["full", pytest.param("nsa", marks=pytest.mark.skipif(not nsa_ready(), reason="nsa ops not available"))]
+KINDS = ["full", "nsa"]
