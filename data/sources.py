@@ -276,7 +276,8 @@ def load_documents(src: Source):
 
         ds = datasets.Dataset.from_dict({"text": synthetic_texts(src)})
     elif isinstance(src, MixtureSource):
-        parts = [load_documents(c.source) for c in src.components]
+        text_only = datasets.Features({"text": datasets.Value("string")})  # parquet may say large_string
+        parts = [load_documents(c.source).cast(text_only) for c in src.components]
         total = sum(c.weight for c in src.components)
         ds = datasets.interleave_datasets(parts, probabilities=[c.weight / total for c in src.components],
                                           seed=src.seed, stopping_strategy=src.stopping)

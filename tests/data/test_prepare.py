@@ -178,3 +178,21 @@ def test_retrained_tokenizer_at_same_path_is_not_served_from_cache(tmp_path, jso
         out = prepare(data_cfg(jsonl, validation_fraction=0.0), cfg, tmp_path / f"o{i}")
         shard = Shard(out / "train-00000.bin", tok.vocab_size)
         assert [list(shard.doc(j)) for j in range(len(shard))] == [tok.encode(t) for t in TEXTS]
+
+
+def test_every_shipped_config_parses():
+    """configs/data/*.yaml and configs/tokenizer/*.yaml compose through Hydra and fit the schema."""
+    from data.cli import CONFIG_DIR, compose
+    from data.sources import data_config_from_dict
+    from data.tokenizer import tokenizer_config_from_dict
+
+    names = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+    assert {"pystdlib", "local", "fineweb_edu", "pystdlib_longctx"} <= set(names)
+    for name in names:
+        overrides = [f"data={name}"] + (["data.source.data_files=x.jsonl"] if name == "local" else [])
+        cfg = compose(overrides, "test", "")
+        assert data_config_from_dict(cfg.data).name == name
+    for p in (CONFIG_DIR / "tokenizer").glob("*.yaml"):
+        assert tokenizer_config_from_dict(compose([f"tokenizer={p.stem}"], "test", "").tokenizer).name == p.stem
+    mix = data_config_from_dict(compose(["data=pystdlib_longctx"], "test", "").data).source
+    assert [c.source.kind for c in mix.components] == ["pystdlib", "synthetic", "synthetic"]
