@@ -1,0 +1,66 @@
+"""save_pretrained / load_pretrained round trip and errors."""
+
+import json
+
+import pytest
+import torch
+
+from train.model import build_model, load_pretrained, save_pretrained
+
+from .helpers import attn_cfg, model_cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A real (tiny) SentencePiece model, trained in about a second by data.tokenizer."""
+    from data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    text = "the quick brown fox jumps over the lazy dog. " * 40 + "pack my box with five dozen liquor jugs\n"
+    train_tokenizer([text] * 4, path, vocab_size=300)
+    return path
+
+
+@pytest.mark.parametrize("kind, mlp", [("full", "moe"), ("nsa", "swiglu")])
+def test_round_trip(tmp_path, tokenizer_file, kind, mlp):
+    torch.manual_seed(0)
+    cfg, acfg = model_cfg(mlp, tie_embeddings=True), attn_cfg(kind)
+    model = build_model(cfg, acfg).eval()
+    if mlp == "moe":
+        model.layers[1].mlp.expert_bias.fill_(0.25)  # a buffer must survive too
+    out = save_pretrained(model, tmp_path / "export", cfg, acfg, tokenizer_file=tokenizer_file)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    loaded, tokenizer = load_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox" and not loaded.training
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.cfg == cfg and loaded.attn_cfg == acfg
+
+
+def test_dtype_and_no_tokenizer(tmp_path):
+    cfg, acfg = model_cfg(), attn_cfg("full")
+    save_pretrained(build_model(cfg, acfg), tmp_path, cfg, acfg)
+    model, tok = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert tok is None and model.embed.weight.dtype == torch.bfloat16
+
+
+def test_errors(tmp_path):
+    cfg, acfg = model_cfg(), attn_cfg("full")
+    with pytest.raises(ValueError, match="config.json"):
+        load_pretrained(tmp_path)
+    save_pretrained(build_model(cfg, acfg), tmp_path, cfg, acfg)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["model"]["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="shape mismatch.*mlp.up_proj"):
+        load_pretrained(tmp_path)
+    data["model"]["intermediate_size"], data["model"]["num_layers"] = 96, 3
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer_file"):
+        save_pretrained(build_model(cfg, acfg), tmp_path, cfg, acfg, tokenizer_file=tmp_path / "nope")
