@@ -83,7 +83,6 @@ def test_bad_task_and_missing_data(tiny_runs, tmp_path):
         run_task(cfg)
 
 
-@pytest.mark.slow
 def test_general_suite_through_lm_eval(tiny_runs, tmp_path):
     from eval.app import run_task
     from tests.eval.test_lm_eval_adapter import FIXTURE, TASKS

@@ -1,0 +1,271 @@
+"""Side-by-side report of runs and their evaluations (NSA vs full attention).
+
+    python -m eval.compare outputs/runs/exp-nsa outputs/runs/exp-full --out outputs/compare/exp
+    python -m eval.compare outputs/eval/exp-nsa outputs/eval/exp-full --out DIR [--wandb-report --entity E]
+
+Each argument is a run dir (``metrics.jsonl``, ``export/``; its evaluations are looked
+up in ``<eval-root>/<run name>/``) or an eval dir (``<task>/results.json``; its run
+is the ``run_dir`` recorded there). Writes ``report.md`` plus PNG figures in ``--out``:
+a summary with throughput, loss curves, held-out loss by position, NIAH heatmaps
+next to each other, LongBench / MMLU / lm-eval tables. ``--wandb-report`` also builds
+a wandb-workspaces report for the runs' group (saved only with ``--publish``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.io import markdown_table, read_jsonl
+
+TASK_NAMES = ("niah", "longbench", "mmlu", "ppl", "general")
+
+
+@dataclass
+class Entry:
+    """One compared model: its run logs and its evaluation results by task."""
+
+    name: str
+    run_dir: Path | None
+    eval_dir: Path | None
+    metrics: list[dict] = field(default_factory=list)
+    results: dict[str, dict] = field(default_factory=dict)  # task -> results.json document
+    attention: str | None = None
+
+
+def load_entry(path: str | Path, eval_root: str | Path = "outputs/eval") -> Entry:
+    """Entry from a run dir or an eval dir (see module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a directory")
+    if (path / "metrics.jsonl").is_file() or (path / "export").is_dir():
+        run_dir, eval_dir = path, Path(eval_root) / path.name
+        eval_dir = eval_dir if eval_dir.is_dir() else None
+    elif any((path / t / "results.json").is_file() for t in TASK_NAMES):
+        run_dir, eval_dir = None, path
+    else:
+        raise ValueError(f"{str(path)!r} is neither a run dir (metrics.jsonl / export/) nor an eval dir "
+                         f"(<task>/results.json for a task in {TASK_NAMES})")
+    results = {}
+    if eval_dir is not None:
+        for task in TASK_NAMES:
+            f = eval_dir / task / "results.json"
+            if f.is_file():
+                results[task] = json.loads(f.read_text())
+    if run_dir is None:
+        recorded = next((d["run_dir"] for d in results.values() if d.get("run_dir")), None)
+        run_dir = Path(recorded) if recorded and Path(recorded).is_dir() else None
+    entry = Entry(name=path.name, run_dir=run_dir, eval_dir=eval_dir, results=results)
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        entry.metrics = read_jsonl(run_dir / "metrics.jsonl")
+    entry.attention = next((d.get("attention") for d in results.values() if d.get("attention")), None)
+    if entry.attention is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        entry.attention = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "attention.kind", default=None)
+    return entry
+
+
+def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one metric over the rows that have it."""
+    rows = [r for r in metrics if isinstance(r.get(key), (int, float))]
+    return [r.get("step", i) for i, r in enumerate(rows)], [float(r[key]) for r in rows]
+
+
+def throughput(metrics: list[dict], key: str = "perf/tokens_per_sec") -> dict:
+    """Median tokens/s over the second half of the logged steps (skips compile / warm-up), and the mean."""
+    _, vals = series(metrics, key)
+    if not vals:
+        return {"median": None, "mean": None}
+    tail = vals[len(vals) // 2:]
+    return {"median": statistics.median(tail), "mean": sum(vals) / len(vals)}
+
+
+def _last(metrics: list[dict], key: str):
+    _, vals = series(metrics, key)
+    return vals[-1] if vals else None
+
+
+def summary_section(entries: list[Entry]) -> str:
+    rows = []
+    for e in entries:
+        tp = throughput(e.metrics)
+        steps, _ = series(e.metrics, "train/loss")
+        rows.append([e.name, e.attention or "-", int(steps[-1]) if steps else None, _last(e.metrics, "train/loss"),
+                     _last(e.metrics, "val/loss"), tp["median"], tp["mean"]])
+    return "## Runs\n\n" + markdown_table(
+        ["run", "attention", "steps", "final train loss", "final val loss", "tokens/s (median, 2nd half)",
+         "tokens/s (mean)"], rows, 4)
+
+
+def curves_section(entries: list[Entry], out: Path) -> str:
+    from eval.plots import line_plot
+
+    text = ""
+    for key, fname, label in (("train/loss", "train_loss.png", "train loss"), ("val/loss", "val_loss.png", "validation loss"),
+                              ("perf/tokens_per_sec", "throughput.png", "tokens / s")):
+        data = {e.name: series(e.metrics, key) for e in entries if series(e.metrics, key)[0]}
+        if data:
+            line_plot(data, out / fname, "step", label, label)
+            text += f"![{label}]({fname})\n\n"
+    return "## Training curves\n\n" + text if text else ""
+
+
+def ppl_section(entries: list[Entry], out: Path) -> str:
+    from eval.plots import line_plot
+
+    have = [e for e in entries if "ppl" in e.results]
+    if not have:
+        return ""
+    lengths = sorted({int(L) for e in have for L in e.results["ppl"]["results"]["lengths"]})
+    rows = []
+    for e in have:
+        res = e.results["ppl"]["results"]["lengths"]
+        rows.append([e.name] + [res.get(str(L), {}).get("ppl") for L in lengths])
+    data = {}
+    for e in have:
+        for L, r in e.results["ppl"]["results"]["lengths"].items():
+            if r["buckets"]:
+                data[f"{e.name} L={L}"] = ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["loss"] for b in r["buckets"]])
+    line_plot(data, out / "loss_by_position.png", "position", "held-out loss (nats)", "loss by position")
+    return ("## Held-out perplexity\n\n" + markdown_table(["run"] + [f"ppl @ {L}" for L in lengths], rows, 3)
+            + "\n![loss by position](loss_by_position.png)\n\n")
+
+
+def niah_section(entries: list[Entry], out: Path) -> str:
+    from eval.plots import niah_heatmaps_side_by_side
+
+    have = [e for e in entries if "niah" in e.results]
+    if not have:
+        return ""
+    panels = {e.name: e.results["niah"]["results"] for e in have}
+    niah_heatmaps_side_by_side(panels, out / "niah_heatmaps.png")
+    lengths = sorted({int(L) for r in panels.values() for L in r["per_length"]})
+    rows = [[n, r["needle"]] + [r["per_length"].get(str(L)) for L in lengths] + [r["overall"], r["overall_exact"]]
+            for n, r in panels.items()]
+    return ("## Needle in a haystack\n\n![NIAH heatmaps](niah_heatmaps.png)\n\n"
+            + markdown_table(["run", "needle"] + [f"{L}" for L in lengths] + ["overall", "exact"], rows, 3) + "\n")
+
+
+def longbench_section(entries: list[Entry], out: Path) -> str:
+    from eval.plots import grouped_bars
+
+    have = [e for e in entries if "longbench" in e.results]
+    if not have:
+        return ""
+    tasks = list(dict.fromkeys(t for e in have for t in e.results["longbench"]["results"]["tasks"]))
+    cats = list(dict.fromkeys(c for e in have for c in e.results["longbench"]["results"]["categories"]))
+    rows = [[t] + [e.results["longbench"]["results"]["tasks"].get(t, {}).get("score") for e in have] for t in tasks]
+    rows += [[f"**{c}**"] + [e.results["longbench"]["results"]["categories"].get(c) for e in have] for c in cats]
+    rows.append(["**average**"] + [e.results["longbench"]["results"]["average"] for e in have])
+    grouped_bars(cats, {e.name: [e.results["longbench"]["results"]["categories"].get(c) for c in cats] for e in have},
+                 out / "longbench_categories.png", "score (x100)", "LongBench by category")
+    return ("## LongBench\n\n" + markdown_table(["task"] + [e.name for e in have], rows, 2)
+            + "\n![LongBench](longbench_categories.png)\n\n")
+
+
+def mmlu_section(entries: list[Entry]) -> str:
+    have = [e for e in entries if "mmlu" in e.results]
+    if not have:
+        return ""
+    cats = list(dict.fromkeys(c for e in have for c in e.results["mmlu"]["results"]["categories"]))
+    rows = [[c] + [100 * e.results["mmlu"]["results"]["categories"].get(c, {}).get("acc", float("nan")) for e in have]
+            for c in cats]
+    rows.append(["**micro average**"] + [100 * e.results["mmlu"]["results"]["micro_avg"] for e in have])
+    rows.append(["**macro average**"] + [100 * e.results["mmlu"]["results"]["macro_avg"] for e in have])
+    return "## MMLU (accuracy %)\n\n" + markdown_table(["category"] + [e.name for e in have], rows, 2) + "\n"
+
+
+def general_section(entries: list[Entry]) -> str:
+    have = [e for e in entries if "general" in e.results]
+    if not have:
+        return ""
+    values: dict[tuple, dict[str, float]] = {}
+    for e in have:
+        for name, entry in e.results["general"]["results"].items():
+            for task, metrics in entry["results"].items():
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and "stderr" not in k:
+                        values.setdefault((name, task, k), {})[e.name] = v
+    rows = [list(key) + [vals.get(e.name) for e in have] for key, vals in values.items()]
+    return "## General benchmarks (lm-eval)\n\n" + markdown_table(
+        ["suite task", "lm-eval task", "metric"] + [e.name for e in have], rows, 4) + "\n"
+
+
+def build_report(entries: list[Entry], out: Path) -> Path:
+    """Write ``out/report.md`` and its figures; returns the report path."""
+    if len(entries) < 1:
+        raise ValueError("nothing to compare")
+    out.mkdir(parents=True, exist_ok=True)
+    head = "# " + " vs ".join(e.name for e in entries) + "\n\n"
+    head += "Sources: " + "; ".join(f"{e.name}: run {e.run_dir or '-'}, eval {e.eval_dir or '-'}" for e in entries) + "\n\n"
+    parts = [head, summary_section(entries), "\n", curves_section(entries, out), ppl_section(entries, out),
+             niah_section(entries, out), longbench_section(entries, out), mmlu_section(entries), general_section(entries)]
+    path = out / "report.md"
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def build_wandb_report(entries: list[Entry], project: str, entity: str, group: str | None = None,
+                       markdown: str = ""):
+    """A wandb-workspaces Report for the runs' group: loss / throughput curves, eval scalars, NIAH heatmaps,
+    and the markdown tables. Not saved here (call ``.save()`` to publish)."""
+    import wandb_workspaces.reports.v2 as wr
+
+    names = [e.name for e in entries]
+    runset = wr.Runset(entity=entity, project=project, name=group or "runs",
+                       filters=f"Group = '{group}'" if group else None)
+    curves = [wr.LinePlot(title="train loss", x="Step", y=["train/loss"]),
+              wr.LinePlot(title="validation loss", x="Step", y=["val/loss"]),
+              wr.LinePlot(title="tokens / s", x="Step", y=["perf/tokens_per_sec"])]
+    evals = [wr.BarPlot(title="LongBench average", metrics=["eval/longbench/average"], orientation="v"),
+             wr.BarPlot(title="MMLU micro average", metrics=["eval/mmlu/micro_avg"], orientation="v"),
+             wr.BarPlot(title="NIAH overall", metrics=["eval/niah/overall"], orientation="v"),
+             wr.MediaBrowser(title="NIAH heatmaps", media_keys=["eval/niah/heatmap"], num_columns=max(1, len(names))),
+             wr.MediaBrowser(title="loss by position", media_keys=["eval/ppl/loss_by_position"],
+                             num_columns=max(1, len(names)))]
+    blocks = [wr.H1(text="NSA vs full attention: " + " vs ".join(names)),
+              wr.P(text=f"Run group {group!r}: training curves and evaluations side by side."),
+              wr.H2(text="Training"), wr.PanelGrid(runsets=[runset], panels=curves),
+              wr.H2(text="Evaluations"), wr.PanelGrid(runsets=[runset], panels=evals)]
+    if markdown:
+        blocks += [wr.H2(text="Tables"), wr.MarkdownBlock(text=markdown)]
+    return wr.Report(project=project, entity=entity, title=f"NSA comparison: {group or ', '.join(names)}"[:128],
+                     description="Built by eval.compare", blocks=blocks)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="run dirs or eval dirs (two or more to compare)")
+    p.add_argument("--out", required=True, help="output directory for report.md and figures")
+    p.add_argument("--eval-root", default="outputs/eval", help="where `python -m eval` wrote results")
+    p.add_argument("--wandb-report", action="store_true", help="also build a wandb-workspaces report")
+    p.add_argument("--project", default=None, help="wandb project (default: the runs' logging.wandb.project)")
+    p.add_argument("--entity", default=None, help="wandb entity (required with --wandb-report)")
+    p.add_argument("--group", default=None, help="wandb run group (default: the runs' group)")
+    p.add_argument("--publish", action="store_true", help="save the wandb report online (needs a login)")
+    args = p.parse_args(argv)
+    entries = [load_entry(x, args.eval_root) for x in args.paths]
+    report = build_report(entries, Path(args.out))
+    print(f"[compare] wrote {report}")
+    if args.wandb_report:
+        from eval.checkpoint import run_wandb_group, run_wandb_project
+
+        if not args.entity:
+            raise ValueError("--wandb-report needs --entity (the wandb user or team owning the project)")
+        group = args.group or next((run_wandb_group(e.run_dir) for e in entries if e.run_dir), None)
+        project = args.project or next((run_wandb_project(e.run_dir) for e in entries if e.run_dir), None) or "nsa-pretrain"
+        wreport = build_wandb_report(entries, project, args.entity, group, report.read_text())
+        if args.publish:
+            wreport.save()
+            print(f"[compare] wandb report: {wreport.url}")
+        else:
+            print(f"[compare] built wandb report {wreport.title!r} with {len(wreport.blocks)} blocks (not published)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""eval.compare on two tiny runs evaluated by the real app: report sections, figures, wandb report object."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval import compare
+from tests.eval.test_app import FIX, compose
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_runs, tmp_path_factory):
+    from data.shards import write_shard
+    from eval.app import run_task
+    from eval.lm import EvalLM
+
+    root = tmp_path_factory.mktemp("eval_out")
+    tok = EvalLM.from_checkpoint(tiny_runs["full"]).tokenizer
+    data = root / "data"
+    ids = tok.encode(Path(__import__("string").__file__).read_text())
+    write_shard(data / "validation-00000.bin", [ids[i: i + 200] for i in range(0, 800, 200)], tok.vocab_size)
+    for run in tiny_runs.values():
+        common = [f"checkpoint_path={run}", f"out_root={root}", "progress=false"]
+        for extra in (["task=niah", "niah.context_lengths=[320]", "niah.depths=[0.0,1.0]", "niah.samples_per_cell=1",
+                       "niah.max_new_tokens=3"],
+                      ["task=mmlu", f"mmlu.data_dir={FIX / 'mmlu'}", "mmlu.num_fewshot=0"],
+                      ["task=longbench", f"longbench.data_dir={FIX / 'longbench'}", "longbench.max_length=300",
+                       "longbench.tasks_to_run=[passage_count,trec]"],
+                      ["task=ppl", f"ppl.data_dir={data}", "ppl.lengths=[64]", "ppl.num_buckets=2"]):
+            run_task(compose(extra + common))
+    return root
+
+
+def test_report_from_run_dirs_and_eval_dirs(tiny_runs, evaluated, tmp_path):
+    out = compare.main([str(tiny_runs["nsa"]), str(evaluated / "tiny-full"), "--out", str(tmp_path / "rep"),
+                        "--eval-root", str(evaluated)])
+    text = out.read_text()
+    for heading in ("## Runs", "## Training curves", "## Held-out perplexity", "## Needle in a haystack",
+                    "## LongBench", "## MMLU"):
+        assert heading in text
+    # throughput: median of the second half of the fixture's constant tokens/s
+    assert "| tiny-nsa | nsa | 10 |" in text and "1100.0000" in text and "1000.0000" in text
+    for png in ("train_loss.png", "val_loss.png", "throughput.png", "loss_by_position.png", "niah_heatmaps.png",
+                "longbench_categories.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in text
+    e = compare.load_entry(evaluated / "tiny-full")
+    assert e.run_dir == tiny_runs["full"].resolve() and e.attention == "full" and len(e.metrics) == 10
+
+
+def test_wandb_report_object_offline(tiny_runs, evaluated, tmp_path):
+    entries = [compare.load_entry(tiny_runs[k], evaluated) for k in ("nsa", "full")]
+    rep = compare.build_wandb_report(entries, "nsa-tests", "someone", "tiny", markdown="| a |\n|---|\n| 1 |\n")
+    assert rep.project == "nsa-tests" and rep.entity == "someone"
+    grids = [b for b in rep.blocks if type(b).__name__ == "PanelGrid"]
+    assert len(grids) == 2 and grids[0].runsets[0].filters == "Group = 'tiny'"
+    ys = [p.y for p in grids[0].panels]
+    assert ["train/loss"] in ys and ["perf/tokens_per_sec"] in ys
+    assert any(getattr(p, "media_keys", None) == ["eval/niah/heatmap"] for p in grids[1].panels)
+    # the CLI path builds the same object without publishing
+    compare.main([str(tiny_runs["nsa"]), str(tiny_runs["full"]), "--out", str(tmp_path / "r2"), "--eval-root",
+                  str(evaluated), "--wandb-report", "--entity", "someone"])
+
+
+def test_errors_and_throughput(tmp_path):
+    with pytest.raises(ValueError, match="neither a run dir"):
+        compare.load_entry(tmp_path)
+    rows = [{"step": i, "perf/tokens_per_sec": v} for i, v in enumerate([10.0, 100.0, 200.0, 300.0])]
+    assert compare.throughput(rows) == {"median": 250.0, "mean": 152.5}
+    assert compare.throughput([]) == {"median": None, "mean": None}
+    (tmp_path / "niah").mkdir()
+    (tmp_path / "niah" / "results.json").write_text(json.dumps({"task": "niah", "run_dir": None, "results": {}}))
+    assert compare.load_entry(tmp_path).run_dir is None
