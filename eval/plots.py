@@ -56,10 +56,14 @@ def niah_heatmaps_side_by_side(panels: Mapping[str, Mapping], path: Path) -> Pat
         raise ValueError("no NIAH results to plot")
     first = next(iter(panels.values()))
     w = 1.0 + 0.8 * len(first["context_lengths"])
-    fig, axes = plt.subplots(1, n, figsize=(w * n, 1.0 + 0.4 * len(first["depths"])), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(w * n + 1.0, 1.4 + 0.4 * len(first["depths"])), squeeze=False,
+                             constrained_layout=True)
     im = None
-    for ax, (name, res) in zip(axes[0], panels.items(), strict=True):
+    for k, (ax, (name, res)) in enumerate(zip(axes[0], panels.items(), strict=True)):
         im = _draw_heatmap(ax, res["score"], res["context_lengths"], res["depths"], f"{name} ({res['needle']})")
+        if k:  # depth axis labelled once, on the left
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
     fig.colorbar(im, ax=list(axes[0]), label="accuracy")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
