@@ -127,9 +127,9 @@ class NSACache:
             self.k_cmp[:, self.num_cmp:n_total] = kc
             self.v_cmp[:, self.num_cmp:n_total] = vc
             self.num_cmp = n_total
-        self.k_tail, self.v_tail = seq_k[:, -(l - 1):] if l > 1 else seq_k[:, :0], \
-            seq_v[:, -(l - 1):] if l > 1 else seq_v[:, :0]
-        self.k_tail, self.v_tail = self.k_tail.clone(), self.v_tail.clone()
+        keep = min(l - 1, seq_k.shape[1])  # every incomplete block lies in the last l - 1 tokens
+        self.k_tail = seq_k[:, seq_k.shape[1] - keep:].clone()
+        self.v_tail = seq_v[:, seq_v.shape[1] - keep:].clone()
         self.length = s + m
 
 
@@ -167,7 +167,7 @@ def decode_select(p: torch.Tensor, cache: NSACache, pos: torch.Tensor, *, num_se
     weights, forced initial/local blocks, ties to the lower index)."""
     l, d, ls = cache.block_len, cache.stride, cache.select_len
     P = p.sum(3)  # group sum -> [B, m, Hkv, N]
-    n_sel = (int(pos.max()) + 1 + ls - 1) // ls
+    n_sel = -(-cache.length // ls)  # selection blocks up to the newest token (cache already extended)
     per, span = ls // d, l // d
     K = n_sel * per
     N = min(P.shape[-1], K)
