@@ -16,6 +16,8 @@ Backward is split (no atomics): one kernel per query tile computes ``dq``, one p
 tile loops over the query rows that see it and computes ``dk, dv``.
 """
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +29,7 @@ from nsa.ops.triton_utils import (
     compressed_cu_seqlens,
     dot_precision,
     interpreter_upcast,
+    is_interpreter,
     max_seqlen,
     next_pow2,
     select_configs,
@@ -40,8 +43,9 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Hopper-sized tiles (few, so that autotuning compiles little); the autotuner drops any
-# that do not fit in shared memory. dkv tiles are (BLOCK_M query rows, BLOCK_N keys).
+# Hopper-sized tiles. By default each kernel runs one config chosen from the head dims
+# (no autotuning: it costs seconds of compiling per new shape); NSA_TRITON_AUTOTUNE=1
+# benchmarks all of them instead. dkv tiles are (BLOCK_M query rows, BLOCK_N keys).
 _FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)]
 _DKV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)]
@@ -122,7 +126,6 @@ def _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, s
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=select_configs(_FWD_CONFIGS, _INTERP_CONFIG), key=_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -212,7 +215,6 @@ def _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_v
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
-@triton.autotune(configs=select_configs(_DQ_CONFIGS, _INTERP_CONFIG), key=_KEY)
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale, scale_log2, HKV,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -272,7 +274,6 @@ def _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, 
     return dk, dv
 
 
-@triton.autotune(configs=select_configs(_DKV_CONFIGS, _INTERP_CONFIG), key=_KEY)
 @triton.jit
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scale_log2, HKV,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -327,6 +328,40 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scal
 # ----------------------------------------------------------------------------- launchers
 
 
+def _default_config(kind: str, meta: dict) -> triton.Config:
+    """Heuristic tile config per kernel and head dims (wide heads: fewer rows per tile)."""
+    if is_interpreter():
+        return _INTERP_CONFIG
+    wide = meta["BLOCK_DK"] + meta["BLOCK_DV"] > 256
+    return {
+        "fwd": _cfg(128, 64, 8, 2 if wide else 3),
+        "dq": _cfg(64, 64, 4, 2) if wide else _cfg(128, 64, 8, 2),
+        "dkv": _cfg(64, 64, 8, 2) if wide else _cfg(64, 64, 4, 2),
+    }[kind]
+
+
+def _launch(kind: str, grid, *args, **meta) -> None:
+    """Run kernel ``kind`` with the heuristic config, or autotuned with NSA_TRITON_AUTOTUNE=1."""
+    if os.environ.get("NSA_TRITON_AUTOTUNE", "0") == "1" and not is_interpreter():
+        _TUNED[kind][grid](*args, **meta)
+        return
+    cfg = _default_config(kind, meta)
+    _KERNELS[kind][lambda m: grid({**m, **cfg.kwargs})](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                        num_stages=cfg.num_stages)
+
+
+_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkv": _dkv_kernel}
+_TUNED = {
+    kind: triton.autotune(configs=select_configs(configs, _INTERP_CONFIG), key=_KEY)(_KERNELS[kind])
+    for kind, configs in (("fwd", _FWD_CONFIGS), ("dq", _DQ_CONFIGS), ("dkv", _DKV_CONFIGS))
+}
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU (Triton uses the current CUDA device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, D]`` -> contiguous ``[B*T, H, D]``."""
     return x.contiguous().reshape(-1, x.shape[-2], x.shape[-1])
@@ -355,10 +390,10 @@ def band_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, block_len, stride,
     n_docs = cu_q.numel() - 1
     grid = lambda m: (triton.cdiv(max_q * meta["G"], m["BLOCK_M"]), n_docs * hkv)
     if max_q > 0 and n_docs > 0:
-        with torch.device(q.device):
-            _fwd_kernel[grid](qf, kf, vf, o, lse, cu_q, cu_k, scale * LOG2E, hkv,
-                              qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-                              o.stride(0), o.stride(1), block_len, stride, window, **meta)
+        with _on_device(q):
+            _launch("fwd", grid, qf, kf, vf, o, lse, cu_q, cu_k, scale * LOG2E, hkv,
+                    qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+                    o.stride(0), o.stride(1), block_len, stride, window, **meta)
     return o.view(B, T, H, dv), lse.view(B, T, H)
 
 
@@ -382,18 +417,17 @@ def band_attention_backward(do, q, k, v, o, lse, dlse, cu_q, cu_k, max_q, max_k,
     n_docs = cu_q.numel() - 1
     common = (scale, scale * LOG2E, hkv, qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1),
               vf.stride(0), vf.stride(1), dof.stride(0), dof.stride(1))
-    with torch.device(q.device):
+    with _on_device(q):
         if max_q > 0 and n_docs > 0:
             grid_q = lambda m: (triton.cdiv(max_q * meta["G"], m["BLOCK_M"]), n_docs * hkv)
-            _dq_kernel[grid_q](qf, kf, vf, dof, lsef, delta, dq, cu_q, cu_k, *common,
-                               dq.stride(0), dq.stride(1), block_len, stride, window, **meta)
+            _launch("dq", grid_q, qf, kf, vf, dof, lsef, delta, dq, cu_q, cu_k, *common,
+                    dq.stride(0), dq.stride(1), block_len, stride, window, **meta)
         else:
             dq.zero_()
         if max_k > 0 and n_docs > 0:
             grid_k = lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_docs * hkv)
-            _dkv_kernel[grid_k](qf, kf, vf, dof, lsef, delta, dk, dv, cu_q, cu_k, *common,
-                                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                                block_len, stride, window, **meta)
+            _launch("dkv", grid_k, qf, kf, vf, dof, lsef, delta, dk, dv, cu_q, cu_k, *common,
+                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), block_len, stride, window, **meta)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v)
 
 
