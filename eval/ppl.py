@@ -28,12 +28,14 @@ def shard_paths(data_dir: str | Path, split: str = "validation") -> list[Path]:
     return paths
 
 
-def iter_documents(paths: Sequence[Path], bos_id: int, eos_id: int) -> Iterator[np.ndarray]:
-    """Every document of the shards as ``[BOS] doc [EOS]`` int64 ids."""
+def iter_documents(paths: Sequence[Path], bos_id: int, eos_id: int,
+                   vocab_size: int | None = None) -> Iterator[np.ndarray]:
+    """Every document of the shards as ``[BOS] doc [EOS]`` int64 ids; a shard written with another
+    vocabulary size (another tokenizer) is a ValueError."""
     from data.shards import Shard
 
     for p in paths:
-        shard = Shard(p)
+        shard = Shard(p, vocab_size=vocab_size)
         for i in range(len(shard)):
             yield np.concatenate([[bos_id], shard.doc(i).astype(np.int64), [eos_id]])
 
@@ -96,7 +98,7 @@ def run_ppl(lm, cfg: Mapping, data_dir: str | Path, progress: bool = True) -> di
     results = {"data_dir": str(data_dir), "train_length": train_len, "packing": cfg.get("packing", "concat"),
                "lengths": {}}
     for length in lengths:
-        docs = iter_documents(paths, lm.tokenizer.bos_id, lm.tokenizer.eos_id)
+        docs = iter_documents(paths, lm.tokenizer.bos_id, lm.tokenizer.eos_id, lm.tokenizer.vocab_size)
         wins = windows(docs, length, results["packing"], int(cfg.get("max_windows", 64)))
         results["lengths"][str(length)] = evaluate_length(
             lm, wins, int(cfg.get("num_buckets", 16)), int(cfg.get("batch_size", 1)), progress, f"ppl@{length}")

@@ -42,7 +42,7 @@ def _make_run(root: Path, kind: str, tok_file: Path) -> Path:
             f.write(json.dumps(row) + "\n")
     (run / "config.yaml").write_text(
         f"name: tiny\nrun_name: tiny-{kind}\nlogging:\n  wandb:\n    group: null\n    project: nsa-tests\n"
-        "data:\n  name: pystdlib\n  out_dir: null\ntokenizer:\n  name: bpe4096\n")
+        "data:\n  name: no-such-data\n  out_dir: null\ntokenizer:\n  name: bpe4096\n")
     return run
 
 

@@ -58,7 +58,9 @@ def test_mmlu_longbench_ppl(tiny_runs, tmp_path):
     assert len(rows) == 3 and set(doc["results"]["categories"]) == {"STEM", "humanities"}
 
     out = run_task(compose(["task=longbench", f"longbench.data_dir={FIX / 'longbench'}", "longbench.max_length=400",
-                            "longbench.tasks_to_run=[trec,passage_count,lcc]"] + common))
+                            "longbench.tasks_to_run=[trec,passage_count,lcc]", "longbench.tasks.trec.max_new_tokens=6",
+                            "longbench.tasks.lcc.max_new_tokens=6", "longbench.tasks.passage_count.max_new_tokens=6"]
+                           + common))
     doc, rows = check_outputs(out, "longbench", ["scores.png"])
     assert set(doc["results"]["tasks"]) == {"trec", "passage_count", "lcc"} and "tasks" not in doc["config"]
     assert all(0 <= r["score"] <= 1 for r in rows)
@@ -79,10 +81,11 @@ def test_bad_task_and_missing_data(tiny_runs, tmp_path):
     with pytest.raises(ValueError, match="task must be one of"):
         run_task({"task": "squad", "checkpoint_path": str(tiny_runs["nsa"])})
     cfg = compose(["task=ppl", f"checkpoint_path={tiny_runs['nsa']}", f"out_root={tmp_path}"])
-    with pytest.raises(ValueError, match="validation-"):  # the run config points at outputs/data/pystdlib-bpe4096
+    with pytest.raises(ValueError, match="validation-"):  # the run config points at outputs/data/no-such-data-bpe4096
         run_task(cfg)
 
 
+@pytest.mark.slow  # lm-eval task indexing; test_lm_eval_adapter covers simple_evaluate in the fast suite
 def test_general_suite_through_lm_eval(tiny_runs, tmp_path):
     from eval.app import run_task
     from tests.eval.test_lm_eval_adapter import FIXTURE, TASKS

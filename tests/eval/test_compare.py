@@ -26,7 +26,8 @@ def evaluated(tiny_runs, tmp_path_factory):
                        "niah.max_new_tokens=3"],
                       ["task=mmlu", f"mmlu.data_dir={FIX / 'mmlu'}", "mmlu.num_fewshot=0"],
                       ["task=longbench", f"longbench.data_dir={FIX / 'longbench'}", "longbench.max_length=300",
-                       "longbench.tasks_to_run=[passage_count,trec]"],
+                       "longbench.tasks_to_run=[passage_count,trec]", "longbench.tasks.trec.max_new_tokens=4",
+                       "longbench.tasks.passage_count.max_new_tokens=4"],
                       ["task=ppl", f"ppl.data_dir={data}", "ppl.lengths=[64]", "ppl.num_buckets=2"]):
             run_task(compose(extra + common))
     return root

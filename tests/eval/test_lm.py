@@ -16,7 +16,7 @@ def test_resolve_checkpoint(tiny_runs, tmp_path):
     assert a.run_dir == b.run_dir == run.resolve() and a.name == b.name == "tiny-nsa"
     assert run_wandb_group(a.run_dir) == "tiny"  # logging.wandb.group is null: the experiment name
     assert run_wandb_project(a.run_dir) == "nsa-tests"
-    assert run_data_dir(a.run_dir) == Path("outputs/data/pystdlib-bpe4096")
+    assert run_data_dir(a.run_dir) == Path("outputs/data/no-such-data-bpe4096")
     with pytest.raises(ValueError, match="neither an export dir"):
         resolve_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):

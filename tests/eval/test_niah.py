@@ -62,7 +62,7 @@ def test_run_niah_tiny_model(tiny_lm, kind, samples, tmp_path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load("configs/eval/niah.yaml"))
-    cfg.update(needle=kind, context_lengths=[320, 448], depths=[0.0, 0.5, 1.0], samples_per_cell=samples, max_new_tokens=6,
+    cfg.update(needle=kind, context_lengths=[320, 448], depths=[0.0, 0.5, 1.0], samples_per_cell=samples, max_new_tokens=3,
                num_values=2)
     results, records = niah.run_niah(tiny_lm, cfg, progress=False)
     assert len(records) == 2 * 3 * samples

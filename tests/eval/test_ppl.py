@@ -62,3 +62,11 @@ def test_run_ppl_matches_model_loss(tiny_lm, val_dir):
 def test_missing_shards_is_an_error(tmp_path, tiny_lm):
     with pytest.raises(ValueError, match="validation"):
         ppl.run_ppl(tiny_lm, {}, tmp_path, progress=False)
+
+
+def test_shards_of_another_tokenizer_are_an_error(tmp_path, tiny_lm):
+    from data.shards import write_shard
+
+    write_shard(tmp_path / "validation-00000.bin", [[5, 6, 7] * 50], 4096)
+    with pytest.raises(ValueError, match="vocab"):
+        ppl.run_ppl(tiny_lm, {"lengths": [16]}, tmp_path, progress=False)
