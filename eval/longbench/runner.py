@@ -58,11 +58,17 @@ def select_tasks(cfg: Mapping) -> list[str]:
     return names
 
 
+def default_max_length(model_max: int) -> int:
+    """Prompt budget when none is configured: the model's length less 512 tokens for the answer
+    (the benchmark's 31500 for 32k models), at least half of it for short models."""
+    return max(model_max - 512, model_max // 2)
+
+
 def run_longbench(lm, cfg: Mapping, out_dir: Path, progress: bool = True) -> tuple[dict, list[dict]]:
     """Run the selected tasks; returns (results, prediction records)."""
     tasks = cfg["tasks"]
     buckets = cfg.get("e_buckets") if cfg.get("longbench_e") else None
-    max_length = int(cfg["max_length"])
+    max_length = int(cfg.get("max_length") or default_max_length(lm.max_length))
     per_task, all_records = {}, []
     for name in select_tasks(cfg):
         spec = tasks[name]

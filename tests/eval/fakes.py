@@ -5,6 +5,8 @@
 
 
 class CharLM:
+    max_length = 100_000
+
     def __init__(self, answer_fn, bos_id=1):
         self.answer_fn = answer_fn
         self.bos_id = bos_id

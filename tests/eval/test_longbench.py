@@ -105,3 +105,10 @@ def test_select_tasks(lb_cfg):
     assert "multifieldqa_zh" not in select_tasks(dict(lb_cfg, subset="all", longbench_e=True))
     with pytest.raises(ValueError, match="unknown LongBench tasks"):
         select_tasks(dict(lb_cfg, tasks_to_run=["nope"]))
+
+
+def test_default_prompt_budget():
+    from eval.longbench.runner import default_max_length
+
+    assert default_max_length(32768) == 32256
+    assert default_max_length(512) == 256
