@@ -1,7 +1,7 @@
 """Decode benchmark: time of one decode step of full vs NSA attention at several context lengths.
 
     python -m bench.decode [--device cpu|cuda] [--contexts ...] [--batch B] [--steps N]
-                           [--preset paper|small] [--out outputs/bench/decode.json]
+                           [--preset paper|small] [--backend torch|triton] [--out outputs/bench/decode.json]
 
 One attention layer of each kind (the model's ``FullAttention`` and ``nsa.layer.NSAAttention``,
 same shapes), a cache holding ``s - 1`` tokens, then the step for token ``s`` is timed (median
@@ -78,10 +78,10 @@ def time_steps(layer, cache, x, cos, sin, steps: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_context(s: int, cfg: dict, batch: int, steps: int, dtype, device) -> dict:
+def bench_context(s: int, cfg: dict, batch: int, steps: int, dtype, device, backend: str | None = None) -> dict:
     torch.manual_seed(0)
     C = cfg["hidden_size"]
-    nsa_cfg = NSAConfig(**cfg, backend="triton" if device.type == "cuda" else "torch")
+    nsa_cfg = NSAConfig(**cfg, backend=backend)
     full = FullAttention(C, cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim_k"], cfg["head_dim_v"])
     full, nsa = full.to(device, dtype).eval(), NSAAttention(nsa_cfg).to(device, dtype).eval()
     rope = RotaryEmbedding(cfg["head_dim_k"]).to(device)
@@ -130,6 +130,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="rows decoded together")
     p.add_argument("--steps", type=int, default=None, help="timed steps per context (median)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default=None, choices=["torch", "triton"],
+                   help="NSA backend of the prefill (the timed decode steps are a torch path either way); "
+                        "default: the nsa default for the device")
     p.add_argument("--out", default="outputs/bench/decode.json", help="JSON output path")
     return p.parse_args(argv)
 
@@ -150,13 +153,13 @@ def main(argv=None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "preset": preset, "layer": cfg, "batch": batch, "steps": steps,
-            "dtype": dtype_name, "timing": "median ms of one-token decode steps of one attention layer"}
+            "dtype": dtype_name, "backend": args.backend, "timing": "median ms of one-token decode steps of one attention layer"}
     print(json.dumps(meta))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for s in contexts:
-        rows.append(bench_context(s, cfg, batch, steps, getattr(torch, dtype_name), device))
+        rows.append(bench_context(s, cfg, batch, steps, getattr(torch, dtype_name), device, args.backend))
         r = rows[-1]
         print(f"  s={s:6d} full {r['full_ms']:.3f} ms  nsa {r['nsa_ms']:.3f} ms  "
               f"measured {r['measured_x']:.2f}x  expected {r['expected_x']:.2f}x", flush=True)

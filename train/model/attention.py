@@ -60,23 +60,50 @@ class KVCache:
 
 
 def _sdpa(q, k, v, *, scale, mask=None, is_causal=False):
-    """SDPA on ``[B, T, H, D]`` tensors (GQA through ``enable_gqa``); returns ``[B, T, H, Dv]``."""
+    """SDPA on ``[B, T, H, D]`` tensors; returns ``[B, T, H, Dv]``.
+
+    CPU: GQA through ``enable_gqa``. CUDA: the flash / cuDNN kernels take neither a
+    GQA broadcast nor ``Dv != Dk`` (without them SDPA falls back to the O(T^2)-memory
+    math path), so K/V heads are repeated to ``H`` and the narrower of q/k and v is
+    zero-padded (zeros change neither ``q.k`` nor the kept output columns).
+    """
+    H, Dk, Dv = q.shape[2], q.shape[-1], v.shape[-1]
+    gqa = H != k.shape[2]
+    if q.is_cuda:
+        if gqa:
+            k, v = (t.repeat_interleave(H // k.shape[2], dim=2) for t in (k, v))
+            gqa = False
+        if Dv < Dk:
+            v = F.pad(v, (0, Dk - Dv))
+        elif Dk < Dv:
+            q, k = F.pad(q, (0, Dv - Dk)), F.pad(k, (0, Dv - Dk))
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return o.transpose(1, 2)
+        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2)[..., :Dv]
 
 
-def causal_attention(q, k, v, *, scale, offset: int = 0):
-    """Query ``i`` (absolute position ``offset + i``) attends keys ``0 .. offset + i``."""
-    T, S = q.shape[1], k.shape[1]
-    if T == 1:
-        return _sdpa(q, k, v, scale=scale)
-    if offset == 0 and S == T:
-        return _sdpa(q, k, v, scale=scale, is_causal=True)
-    rows = torch.arange(T, device=q.device)[:, None] + offset
-    mask = rows >= torch.arange(S, device=q.device)[None, :]
-    return _sdpa(q, k, v, scale=scale, mask=mask)
+def causal_attention(q, k, v, *, scale):
+    """Causal attention of ``T`` queries over the same ``T`` keys (training, prefill)."""
+    return _sdpa(q, k, v, scale=scale, is_causal=q.shape[1] > 1)
+
+
+def decode_attention(q, k, v, *, scale, offset: int):
+    """``T`` new queries at positions ``offset .. offset+T-1`` over ``S = offset+T`` cached keys.
+
+    The ``G`` query heads of a KV group are packed as ``G*T`` query rows of that KV
+    head, so the cache is read once per KV head, with no head repetition (decode is
+    memory-bound: this is the step ``bench.decode`` times)."""
+    B, T, H, Dk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    qg = q.view(B, T, Hkv, G, Dk).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dk)
+    mask = None
+    if T > 1:  # rows are (g, t), g-major: query t sees keys s <= offset + t
+        pos = torch.arange(T, device=q.device) + offset
+        mask = (pos[:, None] >= torch.arange(S, device=q.device)[None, :]).repeat(G, 1)
+    o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return o.view(B, Hkv, G, T, Dv).permute(0, 3, 1, 2, 4).reshape(B, T, H, Dv)
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, *, scale):
@@ -127,7 +154,11 @@ class FullAttention(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a decoding cache")
             k, v, past = cache.append(k, v)
-            o = causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale=self.scale, offset=past)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if past == 0:  # prefill: the training kernel path
+                o = causal_attention(q, k, v, scale=self.scale)
+            else:
+                o = decode_attention(q, k, v, scale=self.scale, offset=past)
         elif cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens needs a packed batch with B == 1, got B={B}")
