@@ -11,6 +11,7 @@ and forward+backward (median of many runs with CUDA events after warm-up, throug
 * ``select``: block selection from the compressed branch's ``lse`` (forward only);
 * ``nsa``: the whole op, compressed -> select_blocks(lse=...) -> selected -> window, summed
   (gates and the compression MLP are elementwise / small and left out, as in the paper);
+  ``nsa_branches``: the three branches alone, with the block indices computed beforehand;
 * ``full_sdpa_*``: causal attention over all ``T`` keys via ``scaled_dot_product_attention``
   (K/V repeated to ``H`` heads and ``v`` padded to ``Dk``, which the flash/cuDNN backends need),
   and ``full_flash_attn`` when the flash-attn package is installed.
@@ -149,6 +150,9 @@ def nsa_workloads(cfg: Config, x: dict):
         o_cmp, lse = cmp_()
         return o_cmp + slc_(select_(lse.detach())) + win_()
 
+    def branches():
+        return cmp_()[0] + slc_(idx) + win_()
+
     all_leaves = [x[k] for k in ("q", "kc", "vc", "ks", "vs", "kw", "vw")]
     return {
         "compressed": (lambda: (lambda: cmp_()[0], [x["q"], x["kc"], x["vc"]]), True),
@@ -156,6 +160,7 @@ def nsa_workloads(cfg: Config, x: dict):
         "selected": (lambda: (lambda: slc_(idx), [x["q"], x["ks"], x["vs"]]), True),
         "window": (lambda: (lambda: win_(), [x["q"], x["kw"], x["vw"]]), True),
         "nsa": (lambda: (whole, all_leaves), True),
+        "nsa_branches": (lambda: (branches, all_leaves), True),
     }
 
 

@@ -104,17 +104,45 @@ def _visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
-              DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+def _load_cols(rows_ptr, rows_ok, offs_a, offs_b, D: tl.constexpr, SPLIT: tl.constexpr):
+    """Load ``[M, D]`` (one row pointer each) as column parts ``a`` and, if SPLIT, ``b``
+    (``D = 192`` is read as 128 + 64 columns instead of being padded to 256)."""
+    xa = tl.load(rows_ptr[:, None] + offs_a[None, :], mask=rows_ok[:, None] & (offs_a[None, :] < D), other=0.0)
+    if SPLIT:
+        xb = tl.load(rows_ptr[:, None] + offs_b[None, :], mask=rows_ok[:, None] & (offs_b[None, :] < D),
+                     other=0.0)
+    else:
+        xb = xa  # unused
+    return xa, xb
+
+
+@triton.jit
+def _store_cols(rows_ptr, rows_ok, xa, xb, offs_a, offs_b, D: tl.constexpr, SPLIT: tl.constexpr):
+    tl.store(rows_ptr[:, None] + offs_a[None, :], xa, mask=rows_ok[:, None] & (offs_a[None, :] < D))
+    if SPLIT:
+        tl.store(rows_ptr[:, None] + offs_b[None, :], xb, mask=rows_ok[:, None] & (offs_b[None, :] < D))
+
+
+@triton.jit
+def _scores(xa, xb, ya, yb, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """``x @ y^T`` over the (possibly split) head dim."""
+    s = tl.dot(xa, tl.trans(ya), input_precision=PREC)
+    if SPLIT:
+        s += tl.dot(xb, tl.trans(yb), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db, offs_dv,
+              DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
     """One key tile of the online softmax (log2 domain)."""
     j = start + offs_n
     j_ok = j < k_len
-    kT = tl.load(K + k_base + j.to(tl.int64)[None, :] * stride_kt + offs_dk[:, None],
-                 mask=j_ok[None, :] & (offs_dk[:, None] < DK), other=0.0)
+    ka, kb = _load_cols(K + k_base + j.to(tl.int64) * stride_kt, j_ok, offs_da, offs_db, DK, SPLIT)
     v = tl.load(V + v_base + j.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :],
                 mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, kT, input_precision=PREC) * scale_log2
+    s = _scores(qa, qb, ka, kb, PREC, SPLIT) * scale_log2
     if MASK:
         s = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -130,8 +158,8 @@ def _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, s
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 BLOCK_LEN, STRIDE, WINDOW,
-                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+                BLOCK_DB: tl.constexpr, SPLIT: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (causal) first
     pid_h = tl.program_id(1)
@@ -143,11 +171,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
     head = kvh * G + rows % G
     row_ok = t < q_len
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_da = tl.arange(0, BLOCK_DA)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_row = (q_start + t).to(tl.int64)
-    q = tl.load(Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    qa, qb = _load_cols(Q + q_row * stride_qt + head * stride_qh, row_ok, offs_da, offs_db, DK, SPLIT)
     k_base = k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = k_start.to(tl.int64) * stride_vt + kvh * stride_vh
 
@@ -158,17 +186,17 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(a, b, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
-                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
-                                  DK, DV, PREC, True)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                                  offs_dv, DK, DV, SPLIT, PREC, True)
     for start in range(b, c, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
-                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
-                                  DK, DV, PREC, False)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                                  offs_dv, DK, DV, SPLIT, PREC, False)
     for start in range(c, d, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
-                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
-                                  DK, DV, PREC, True)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start,
+                                  k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                                  offs_dv, DK, DV, SPLIT, PREC, True)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
@@ -179,48 +207,49 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, scale_log2, HKV,
 
 @triton.jit
 def _load_rows(Q, DO, LSE, DELTA, rows, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
-               HKV, offs_dk, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-    """Load q ``[M, DK]``, do ``[M, DV]``, lse (log2 units; +inf where nothing is visible,
-    so that p = 0) and delta for query rows ``row = t*G + g``."""
+               HKV, offs_da, offs_db, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """Load q ``[M, DK]`` (parts a, b), do ``[M, DV]``, lse (log2 units; +inf where nothing
+    is visible, so that p = 0) and delta for query rows ``row = t*G + g``."""
     t = rows // G
     head = kvh * G + rows % G
     row_ok = t < q_len
     q_row = (q_start + t).to(tl.int64)
-    q = tl.load(Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    qa, qb = _load_cols(Q + q_row * stride_qt + head * stride_qh, row_ok, offs_da, offs_db, DK, SPLIT)
     do = tl.load(DO + q_row[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + q_row * (HKV * G) + head, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + q_row * (HKV * G) + head, mask=row_ok, other=0.0)
-    return t, q_row, head, row_ok, q, do, lse, delta
+    return t, q_row, head, row_ok, qa, qb, do, lse, delta
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-             scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv,
-             DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+def _dq_tile(dqa, dqb, qa, qb, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+             scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db, offs_dv,
+             DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
     j = start + offs_n
     j_ok = j < k_len
-    k = tl.load(K + k_base + j.to(tl.int64)[:, None] * stride_kt + offs_dk[None, :],
-                mask=j_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    vT = tl.load(V + v_base + j.to(tl.int64)[None, :] * stride_vt + offs_dv[:, None],
-                 mask=j_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-    p = tl.exp2(s - lse[:, None])
+    ka, kb = _load_cols(K + k_base + j.to(tl.int64) * stride_kt, j_ok, offs_da, offs_db, DK, SPLIT)
+    v = tl.load(V + v_base + j.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :],
+                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    p = tl.exp2(_scores(qa, qb, ka, kb, PREC, SPLIT) * scale_log2 - lse[:, None])
     if MASK:
         p = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), p, 0.0)
-    dp = tl.dot(do, vT, input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(ka.dtype)
+    dqa += tl.dot(ds, ka, input_precision=PREC)
+    if SPLIT:
+        dqb += tl.dot(ds, kb, input_precision=PREC)
+    return dqa, dqb
 
 
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale, scale_log2, HKV,
                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                stride_dqt, stride_dqh, BLOCK_LEN, STRIDE, WINDOW,
-               G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+               G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+               BLOCK_DB: tl.constexpr, SPLIT: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -228,58 +257,65 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, scale, scale_log2, HKV,
     if pid_m * BLOCK_M >= q_len * G:
         return
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_da = tl.arange(0, BLOCK_DA)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    t, q_row, head, row_ok, q, do, lse, delta = _load_rows(
+    t, q_row, head, row_ok, qa, qb, do, lse, delta = _load_rows(
         Q, DO, LSE, DELTA, rows, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
-        HKV, offs_dk, offs_dv, G, DK, DV)
+        HKV, offs_da, offs_db, offs_dv, G, DK, DV, SPLIT)
     k_base = k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = k_start.to(tl.int64) * stride_vt + kvh * stride_vh
 
     t_first = (pid_m * BLOCK_M) // G
     t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
     a, b, c, d = _band(t_first, t_last, k_len, BLOCK_LEN, STRIDE, WINDOW, BLOCK_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    dqa = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
+    dqb = tl.zeros([BLOCK_M, BLOCK_DB], tl.float32)
     for start in range(a, b, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, True)
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt,
+                            start, k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                            offs_dv, DK, DV, SPLIT, PREC, True)
     for start in range(b, c, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, False)
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt,
+                            start, k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                            offs_dv, DK, DV, SPLIT, PREC, False)
     for start in range(c, d, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-                      scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_dk, offs_dv, DK, DV, PREC, True)
-    tl.store(DQ + q_row[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK))
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt,
+                            start, k_len, scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db,
+                            offs_dv, DK, DV, SPLIT, PREC, True)
+    dty = DQ.dtype.element_ty
+    _store_cols(DQ + q_row * stride_dqt + head * stride_dqh, row_ok, (dqa * scale).to(dty), (dqb * scale).to(dty),
+                offs_da, offs_db, DK, SPLIT)
 
 
 @triton.jit
-def _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
+def _dkv_tile(dka, dkb, dv, ka, kb, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
               stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE, WINDOW,
-              offs_m, offs_dk, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              PREC: tl.constexpr, MASK: tl.constexpr):
+              offs_m, offs_da, offs_db, offs_dv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
     """Accumulate one tile of query rows into the key tile's dk, dv (transposed scores)."""
-    t, q_row, head, row_ok, q, do, lse, delta = _load_rows(
+    t, q_row, head, row_ok, qa, qb, do, lse, delta = _load_rows(
         Q, DO, LSE, DELTA, start + offs_m, q_start, q_len, kvh, stride_qt, stride_qh, stride_dot, stride_doh,
-        HKV, offs_dk, offs_dv, G, DK, DV)
-    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
-    pT = tl.exp2(sT - lse[None, :])
+        HKV, offs_da, offs_db, offs_dv, G, DK, DV, SPLIT)
+    pT = tl.exp2(_scores(ka, kb, qa, qb, PREC, SPLIT) * scale_log2 - lse[None, :])
     if MASK:
         pT = tl.where(tl.trans(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW)), pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dsT = pT * (dpT - delta[None, :])
-    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-    return dk, dv
+    dsT = (pT * (dpT - delta[None, :])).to(qa.dtype)
+    dka += tl.dot(dsT, qa, input_precision=PREC)
+    if SPLIT:
+        dkb += tl.dot(dsT, qb, input_precision=PREC)
+    return dka, dkb, dv
 
 
 @triton.jit
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scale_log2, HKV,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                 stride_dkt, stride_dkh, stride_dvt, stride_dvh, BLOCK_LEN, STRIDE, WINDOW,
-                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+                G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DA: tl.constexpr,
+                BLOCK_DB: tl.constexpr, SPLIT: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -287,13 +323,13 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scal
     if pid_n * BLOCK_N >= k_len:
         return
     offs_m = tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_da = tl.arange(0, BLOCK_DA)
+    offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
     offs_dv = tl.arange(0, BLOCK_DV)
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = j < k_len
     k_row = (k_start + j).to(tl.int64)
-    k = tl.load(K + k_row[:, None] * stride_kt + kvh * stride_kh + offs_dk[None, :],
-                mask=j_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    ka, kb = _load_cols(K + k_row * stride_kt + kvh * stride_kh, j_ok, offs_da, offs_db, DK, SPLIT)
     v = tl.load(V + k_row[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
                 mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
 
@@ -305,22 +341,24 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, CU_Q, CU_K, scale, scal
     t_b = tl.minimum(e_last, t_d)
     t_c = tl.minimum(e_first + WINDOW, q_len)
     a, b, c, d = _rows(t_a, t_b, t_c, t_d, q_len * G, G, BLOCK_M)
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dka = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
+    dkb = tl.zeros([BLOCK_N, BLOCK_DB], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(a, b, BLOCK_M):
-        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
-                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
-                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, True)
+        dka, dkb, dv = _dkv_tile(dka, dkb, dv, ka, kb, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len,
+                                 kvh, stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN,
+                                 STRIDE, WINDOW, offs_m, offs_da, offs_db, offs_dv, G, DK, DV, SPLIT, PREC, True)
     for start in range(b, c, BLOCK_M):
-        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
-                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
-                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, False)
+        dka, dkb, dv = _dkv_tile(dka, dkb, dv, ka, kb, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len,
+                                 kvh, stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN,
+                                 STRIDE, WINDOW, offs_m, offs_da, offs_db, offs_dv, G, DK, DV, SPLIT, PREC, False)
     for start in range(c, d, BLOCK_M):
-        dk, dv = _dkv_tile(dk, dv, k, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len, kvh,
-                           stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN, STRIDE,
-                           WINDOW, offs_m, offs_dk, offs_dv, G, DK, DV, PREC, True)
-    tl.store(DK_OUT + k_row[:, None] * stride_dkt + kvh * stride_dkh + offs_dk[None, :],
-             (dk * scale).to(DK_OUT.dtype.element_ty), mask=j_ok[:, None] & (offs_dk[None, :] < DK))
+        dka, dkb, dv = _dkv_tile(dka, dkb, dv, ka, kb, v, j, k_len, Q, DO, LSE, DELTA, start, q_start, q_len,
+                                 kvh, stride_qt, stride_qh, stride_dot, stride_doh, HKV, scale_log2, BLOCK_LEN,
+                                 STRIDE, WINDOW, offs_m, offs_da, offs_db, offs_dv, G, DK, DV, SPLIT, PREC, True)
+    dty = DK_OUT.dtype.element_ty
+    _store_cols(DK_OUT + k_row * stride_dkt + kvh * stride_dkh, j_ok, (dka * scale).to(dty), (dkb * scale).to(dty),
+                offs_da, offs_db, DK, SPLIT)
     tl.store(DV_OUT + k_row[:, None] * stride_dvt + kvh * stride_dvh + offs_dv[None, :],
              dv.to(DV_OUT.dtype.element_ty), mask=j_ok[:, None] & (offs_dv[None, :] < DV))
 
@@ -332,7 +370,7 @@ def _default_config(kind: str, meta: dict) -> triton.Config:
     """Heuristic tile config per kernel and head dims (wide heads: fewer rows per tile)."""
     if is_interpreter():
         return _INTERP_CONFIG
-    wide = meta["BLOCK_DK"] + meta["BLOCK_DV"] > 256
+    wide = meta["BLOCK_DA"] + meta["BLOCK_DB"] * meta["SPLIT"] + meta["BLOCK_DV"] > 256
     return {
         "fwd": _cfg(128, 64, 8, 2 if wide else 3),
         "dq": _cfg(64, 64, 4, 2) if wide else _cfg(128, 64, 8, 2),
@@ -367,9 +405,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def _split_dim(d: int) -> tuple[int, int, bool]:
+    """Head dim ``d`` as column tiles ``(a, b, split)``: a power of two plus, when ``d`` is not
+    one, a second power-of-two tile for the rest (192 -> 128 + 64 instead of 256)."""
+    a = max(16, 1 << (int(d).bit_length() - 1))
+    if a >= d:
+        return next_pow2(d), 16, False
+    return a, next_pow2(d - a), True
+
+
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     hkv = k.shape[-2]
-    return dict(G=q.shape[-2] // hkv, DK=q.shape[-1], DV=v.shape[-1], BLOCK_DK=next_pow2(q.shape[-1]),
+    da, db, split = _split_dim(q.shape[-1])
+    return dict(G=q.shape[-2] // hkv, DK=q.shape[-1], DV=v.shape[-1], BLOCK_DA=da, BLOCK_DB=db, SPLIT=split,
                 BLOCK_DV=next_pow2(v.shape[-1]), PREC=dot_precision(q.dtype))
 
 
