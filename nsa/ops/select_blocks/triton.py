@@ -128,11 +128,10 @@ def _select_kernel(
         jj = j0 + offs_j
         score = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
         for o in tl.static_range(R + LU - 1):
-            off: tl.constexpr = o - (LU - 1)
+            off = o - (LU - 1)
             # number of (m, u) pairs with m - u == off, m < R, u < LU: the overlap weight
-            w_lo: tl.constexpr = 0 if off >= 0 else -off
-            w_hi: tl.constexpr = (LU - 1) if (LU - 1) < (R - 1 - off) else (R - 1 - off)
-            weight: tl.constexpr = w_hi - w_lo + 1
+            # (a trapezoid in o: 1, 2, .., min(R, LU), .., 2, 1)
+            weight = tl.minimum(tl.minimum(o + 1, R + LU - 1 - o), tl.minimum(R, LU)).to(tl.float32)
             ci = jj * R + off
             k = tl.load(K + (c0 + ci)[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
                         mask=((ci >= 0) & (ci < n_cmp))[:, None] & (offs_d[None, :] < DK), other=0.0)
@@ -150,7 +149,7 @@ def _select_kernel(
         go = j0 >= 0
         while go:
             c_v = tl.max(score, 1)
-            c_j = tl.argmax(score, 1, tie_break_left=True).to(tl.int32) + j0
+            c_j = (tl.argmax(score, 1, tie_break_left=True) + j0).to(tl.int32)
             w_v = tl.min(run_v, 1)
             w_j = tl.max(tl.where(run_v == w_v[:, None], run_j, -1), 1)
             better = ((c_v > w_v) | ((c_v == w_v) & (c_j < w_j))) & (c_v > float("-inf"))
