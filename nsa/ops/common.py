@@ -84,9 +84,14 @@ def chunk_ranges(total: int, chunk: int):
     return ((s, min(s + chunk, total)) for s in range(0, total, chunk))
 
 
-def chunk_size(rows_per_query: int, keys: int, budget: int = 1 << 23, multiple: int = 1) -> int:
+SCORE_BUDGET = 1 << 19  # elements of one chunk's score block: 512K floats = 2 MB, cache-sized
+
+
+def chunk_size(rows_per_query: int, keys: int, budget: int | None = None, multiple: int = 1) -> int:
     """Queries per chunk so that a ``[chunk * rows_per_query, keys]`` score block has about
-    ``budget`` elements (8M floats = 32 MB by default); a multiple of ``multiple``, at least one."""
+    ``budget`` elements (``SCORE_BUDGET`` by default: small enough that the elementwise softmax
+    passes run in cache); a multiple of ``multiple``, at least one."""
+    budget = SCORE_BUDGET if budget is None else budget
     c = max(1, budget // max(1, rows_per_query * max(1, keys)))
     return max(multiple, c // multiple * multiple)
 
@@ -275,56 +280,77 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, plan, mask_fn):
-        acc = acc_dtype(q.dtype)
-        Hkv = k.shape[2]
-        qg, kh, vh = to_groups(q, Hkv, acc), to_kv_heads(k, acc), to_kv_heads(v, acc)
-        B, _, T, G, Dk = qg.shape
-        o = qg.new_zeros(B, Hkv, T, G, vh.shape[-1])
-        lse = qg.new_full((B, Hkv, T, G), float("-inf"))
+        acc, Hkv = acc_dtype(q.dtype), k.shape[2]
+        qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
+        B, _, T, G, _ = qs.shape
+        o = qs.new_zeros(B, Hkv, T, G, vh.shape[-1])
+        lse = qs.new_full((B, Hkv, T, G), float("-inf"))
+        plan = [(q0, q1, k0, k1) for q0, q1, k0, k1 in plan if k1 > k0]  # no keys: o = 0, lse = -inf
         for q0, q1, k0, k1 in plan:
-            p, lse_c = chunk_probs(qg, kh, scale, q0, q1, k0, k1, mask_fn, None)
-            lse[:, :, q0:q1] = lse_c
-            o[:, :, q0:q1] = (p @ vh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1)
+            e = masked_scores(qs, kh, q0, q1, k0, k1, mask_fn)  # [B, Hkv, C, G, S]
+            m = neg_inf_safe(e.amax(-1, keepdim=True))
+            e = e.sub_(m).exp_()
+            denom = e.sum(-1)  # 0 exactly when no key is visible
+            o_c = (e.view(B, Hkv, -1, k1 - k0) @ vh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1)
+            o[:, :, q0:q1] = o_c / torch.where(denom > 0, denom, 1.0)[..., None]
+            lse[:, :, q0:q1] = m[..., 0] + torch.log(denom)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.plan, ctx.mask_fn = scale, plan, mask_fn
         ctx.set_materialize_grads(False)
         lse_out = lse.permute(0, 2, 1, 3).reshape(B, T, Hkv * G)
-        return from_groups(o).to(q.dtype), lse_out.to(acc if acc == torch.float64 else torch.float32)
+        return from_groups(o).to(q.dtype), lse_out
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        acc, Hkv = o.dtype, k.shape[2]
-        qg, kh, vh = to_groups(q, Hkv, acc), to_kv_heads(k, acc), to_kv_heads(v, acc)
-        B, _, T, G, _ = qg.shape
+        acc, Hkv, scale = o.dtype, k.shape[2], ctx.scale
+        qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
+        B, _, T, G, Dk = qs.shape
         dog = to_groups(do, Hkv, acc) if do is not None else torch.zeros_like(o)
-        dlseg = to_groups(dlse[..., None], Hkv, acc)[..., 0] if dlse is not None else torch.zeros_like(lse)
-        delta = (dog * o).sum(-1) - dlseg  # [B, Hkv, T, G]: dS = P * (dP - delta)
-        dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kh), torch.zeros_like(vh)
+        delta = (dog * o).sum(-1)  # [B, Hkv, T, G]; dS = P * (dP - delta + dlse)
+        if dlse is not None:
+            delta -= to_groups(dlse[..., None], Hkv, acc)[..., 0]
+        lse = neg_inf_safe(lse)
+        dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kh), torch.zeros_like(vh)
         for q0, q1, k0, k1 in ctx.plan:
-            p, _ = chunk_probs(qg, kh, ctx.scale, q0, q1, k0, k1, ctx.mask_fn, lse[:, :, q0:q1])
-            do_c = dog[:, :, q0:q1].reshape(B, Hkv, -1, dog.shape[-1])
+            C, S = q1 - q0, k1 - k0
+            p = masked_scores(qs, kh, q0, q1, k0, k1, ctx.mask_fn).sub_(lse[:, :, q0:q1, :, None]).exp_()
+            p = p.view(B, Hkv, C * G, S)
+            do_c = dog[:, :, q0:q1].reshape(B, Hkv, C * G, -1)
             dv[:, :, k0:k1] += p.transpose(-1, -2) @ do_c
-            ds = p * (do_c @ vh[:, :, k0:k1].transpose(-1, -2) - delta[:, :, q0:q1].reshape(B, Hkv, -1, 1))
-            dq[:, :, q0:q1] = (ds @ kh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1) * ctx.scale
-            dk[:, :, k0:k1] += (
-                ds.transpose(-1, -2) @ qg[:, :, q0:q1].reshape(B, Hkv, -1, qg.shape[-1])
-            ) * ctx.scale
+            ds = (do_c @ vh[:, :, k0:k1].transpose(-1, -2)).view(B, Hkv, C, G, S)
+            ds = ds.sub_(delta[:, :, q0:q1, :, None]).view(B, Hkv, C * G, S).mul_(p)
+            dq[:, :, q0:q1] = (ds @ kh[:, :, k0:k1]).view(B, Hkv, C, G, Dk)
+            dk[:, :, k0:k1] += ds.transpose(-1, -2) @ qs[:, :, q0:q1].reshape(B, Hkv, C * G, Dk)
         dk, dv = dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
-        return from_groups(dq).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return from_groups(dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def chunk_probs(qg, kh, scale, q0, q1, k0, k1, mask_fn, lse):
-    """Softmax probabilities ``[B, Hkv, C*G, S]`` of queries ``[q0,q1)`` over keys ``[k0,k1)`` and
-    their ``lse [B, Hkv, C, G]``; with ``lse`` given, ``exp(s - lse)`` reuses it (backward)."""
-    B, Hkv, _, G, Dk = qg.shape
-    C = q1 - q0
-    s = (qg[:, :, q0:q1].reshape(B, Hkv, C * G, Dk) @ kh[:, :, k0:k1].transpose(-1, -2)) * scale
-    s = s.view(B, Hkv, C, G, k1 - k0).masked_fill_(~mask_fn(q0, q1, k0, k1)[:, None, :], float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp_(s.sub_(neg_inf_safe(lse)[..., None]))
-    return p.view(B, Hkv, C * G, k1 - k0), lse
+def masked_scores(qs, kh, q0, q1, k0, k1, mask_fn):
+    """Scores ``[B, Hkv, C, G, S]`` of pre-scaled queries ``qs[:, :, q0:q1]`` (``[B,Hkv,T,G,Dk]``)
+    against keys ``kh[:, :, k0:k1]`` (``[B,Hkv,S,Dk]``), ``-inf`` where ``mask_fn`` hides the key.
+
+    Columns visible to every query of the chunk (the middle of a window, the early compressed
+    blocks) are left alone; only the columns before and after that run are masked.
+    """
+    B, Hkv, _, G, Dk = qs.shape
+    C, S = q1 - q0, k1 - k0
+    s = (qs[:, :, q0:q1].reshape(B, Hkv, C * G, Dk) @ kh[:, :, k0:k1].transpose(-1, -2)).view(B, Hkv, C, G, S)
+    mask = mask_fn(q0, q1, k0, k1)
+    full = mask.all(0).nonzero()
+    a, b = (int(full[0]), int(full[-1]) + 1) if full.numel() else (S, S)
+    if full.numel() and not mask[:, a:b].all():
+        a, b = S, S  # the fully visible columns are not one run: mask everything
+    for lo, hi in ((0, a), (b, S)):
+        if hi > lo:
+            s[..., lo:hi].masked_fill_(~mask[:, None, lo:hi], float("-inf"))
+    return s
+
+
+def chunk_probs(qs, kh, q0, q1, k0, k1, mask_fn, lse):
+    """Probabilities ``exp(s - lse)`` ``[B, Hkv, C, G, S]`` of pre-scaled queries ``[q0, q1)`` over
+    keys ``[k0, k1)``, given their ``lse [B, Hkv, C, G]`` (``-inf`` rows give 0)."""
+    return masked_scores(qs, kh, q0, q1, k0, k1, mask_fn).sub_(neg_inf_safe(lse)[..., None]).exp_()
 
 
 def chunked_attention(q, k, v, scale: float, plan, mask_fn):
@@ -342,11 +368,15 @@ def per_document(fn, cu_seqlens, *packed, cmp_cu_seqlens=None, cmp_index=()):
     cmp_bounds = doc_bounds(cmp_cu_seqlens) if cmp_cu_seqlens is not None else None
     outs = []
     for i, (s, e) in enumerate(doc_bounds(cu_seqlens)):
+        if e == s:
+            continue  # an empty document adds nothing
         args = [
             x[:, cmp_bounds[i][0] : cmp_bounds[i][1]] if j in cmp_index else x[:, s:e]
             for j, x in enumerate(packed)
         ]
         outs.append(fn(*args))
+    if not outs:  # T == 0
+        return fn(*packed)
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
     return torch.cat(outs, dim=1)

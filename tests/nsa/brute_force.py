@@ -133,3 +133,50 @@ def window_mask(T, w, cu_seqlens):
 
 def sliding_window_attention(q, k, v, w, scale, cu_seqlens=None):
     return attend(q, k, v, window_mask(q.shape[1], w, cu_seqlens), scale)[0]
+
+
+# ----------------------------------------------------------------------------- test inputs
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 when both are 0)."""
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def num_cmp(length: int, l: int, d: int) -> int:
+    return (length - l) // d + 1 if length >= l else 0
+
+
+def make_inputs(B, T, H, Hkv, Dk, Dv, l, d, cu_seqlens=None, dtype=torch.float32, seed=0, cmp_gain=2.0):
+    """Random ``q, k, v, k_cmp, v_cmp`` (k_cmp scaled by ``cmp_gain`` so the compressed softmax
+    is far from uniform and selection is a real choice)."""
+    g = torch.Generator().manual_seed(seed)
+    cu = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens]
+    Nc = sum(num_cmp(cu[i + 1] - cu[i], l, d) for i in range(len(cu) - 1))
+
+    def rnd(*shape, gain=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * gain).to(dtype)
+
+    return (
+        rnd(B, T, H, Dk),
+        rnd(B, T, Hkv, Dk),
+        rnd(B, T, Hkv, Dv),
+        rnd(B, Nc, Hkv, Dk, gain=cmp_gain),
+        rnd(B, Nc, Hkv, Dv),
+    )
+
+
+def random_block_indices(B, T, Hkv, n, ls, cu_seqlens=None, seed=0):
+    """Arbitrary indices in ``[-1, blocks of the document)``: includes ``-1``, repeats and
+    non-causal blocks, which the ops must ignore (tokens after ``t`` are masked anyway)."""
+    g = torch.Generator().manual_seed(seed)
+    _, trel = doc_ids(cu_seqlens, T)
+    cu = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens]
+    longest = max(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
+    hi = max(1, -(-longest // ls))
+    idx = torch.randint(-1, hi, (B, T, Hkv, n), generator=g)
+    cur = (trel // ls)[None, :, None]
+    idx[..., 0] = torch.minimum(idx[..., 0].abs(), cur)  # a causal first slot for most queries
+    return idx.to(torch.int32)

@@ -9,9 +9,10 @@ Per query chunk ``[q0, q1)`` (NSA_SPEC.md, "Selected branch"):
 3. overlap weighting ``S_t[j] = sum_{m < l'/d} sum_{u < l/d} P_t[(l'/d) j + m - u]``, done as
    a box filter of width ``l/d`` over ``i`` followed by summing groups of ``l'/d``;
 4. forced blocks (the ``num_init`` first and the ``num_local`` most recent causal blocks) get
-   score ``+inf``, non-causal blocks ``-inf``; a stable descending sort keeps the first
-   ``n`` (ties to the lower index); slots past the number of causal blocks become ``-1``;
-   the ``n`` indices are returned in ascending order, ``-1`` last.
+   score ``+inf``, non-causal blocks ``-inf``; the ``n``-th largest score is found with
+   ``topk`` and used as a threshold: all blocks above it are taken, then the lowest-index
+   blocks equal to it (ties to the lower index, exactly, without a full sort); the taken
+   causal blocks are written in ascending order, ``-1`` after them.
 
 Only a ``[chunk, G, Nc]`` score block exists at a time. Integer output: no autograd.
 """
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 
 from nsa.ops.common import (
     acc_dtype,
-    chunk_probs,
     chunk_ranges,
     chunk_size,
     compressed_cu_seqlens,
+    masked_scores,
+    neg_inf_safe,
     num_select_blocks,
     per_document,
     resolve_scale,
@@ -51,39 +53,42 @@ def overlap_scores(P: torch.Tensor, block_len: int, stride: int, select_len: int
 
 
 def top_blocks(scores, t, select_len: int, num_select: int, num_init: int, num_local: int):
-    """``scores [..., C, nsel]`` for query positions ``t [C]`` -> int64 ``[..., C, n]`` ascending, -1 last."""
-    nsel = scores.shape[-1]
+    """``scores [..., C, nsel]`` for query positions ``t [C]`` -> int64 ``[..., C, n]`` ascending, -1 last.
+
+    Exact top-n with ties to the lower index, without a full sort: the n-th largest key is
+    the threshold; everything above it is taken, then the lowest-index blocks equal to it.
+    """
+    nsel, n = scores.shape[-1], num_select
     j = torch.arange(nsel, device=scores.device)
     cur = (t // select_len)[:, None]  # the block holding t
-    causal = j[None, :] <= cur
-    forced = causal & ((j[None, :] < num_init) | (j[None, :] > cur - num_local))
+    causal = j <= cur
+    forced = causal & ((j < num_init) | (j > cur - num_local))
     key = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :num_select]
-    if order.shape[-1] < num_select:
-        order = F.pad(order, (0, num_select - order.shape[-1]), value=-1)
-    slot = torch.arange(num_select, device=scores.device)
-    order = order.masked_fill(slot[None, :] > cur, -1)  # fewer causal blocks (cur + 1) than n
-    big = torch.iinfo(order.dtype).max
-    srt = order.masked_fill(order < 0, big).sort(dim=-1).values
-    return srt.masked_fill(srt == big, -1)
+    thr = key.topk(min(n, nsel), dim=-1).values[..., -1:]
+    above = key > thr
+    tied = (key == thr) & causal
+    take = above | (tied & (tied.cumsum(-1) <= n - above.sum(-1, keepdim=True)))
+    slot = torch.where(take, take.cumsum(-1) - 1, n)  # rank among the taken (ascending j), or spare
+    out = torch.full((*take.shape[:-1], n + 1), -1, dtype=torch.int64, device=scores.device)
+    return out.scatter_(-1, slot, j.expand_as(slot))[..., :n]
 
 
 @torch.no_grad()
 def _select_dense(q, k_cmp, lse, block_len, stride, select_len, num_select, num_init, num_local, scale):
     acc, Hkv = acc_dtype(q.dtype), k_cmp.shape[2]
-    qg, kh = to_groups(q, Hkv, acc), to_kv_heads(k_cmp, acc)
+    qs, kh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k_cmp, acc)
     lseg = to_groups(lse[..., None], Hkv, acc)[..., 0] if lse is not None else None
-    B, _, T, G, _ = qg.shape
+    B, _, T, G, _ = qs.shape
     out = torch.full((B, Hkv, T, num_select), -1, dtype=torch.int64, device=q.device)
     mask_fn = compressed_mask(block_len, stride, q.device)
     for q0, q1 in chunk_ranges(T, chunk_size(q.shape[2], kh.shape[2], multiple=select_len)):
         k1 = min(kh.shape[2], visible_blocks(q1 - 1, block_len, stride))
         if k1 > 0:
-            lse_c = lseg[:, :, q0:q1] if lseg is not None else None
-            p, _ = chunk_probs(qg, kh, scale, q0, q1, 0, k1, mask_fn, lse_c)
-            P = p.view(B, Hkv, q1 - q0, G, k1).sum(3)
+            s = masked_scores(qs, kh, q0, q1, 0, k1, mask_fn)  # [B, Hkv, C, G, k1]
+            lse_c = lseg[:, :, q0:q1] if lseg is not None else torch.logsumexp(s, dim=-1)
+            P = s.sub_(neg_inf_safe(lse_c)[..., None]).exp_().sum(3)  # group sum, [B, Hkv, C, k1]
         else:
-            P = qg.new_zeros(B, Hkv, q1 - q0, 0)
+            P = qs.new_zeros(B, Hkv, q1 - q0, 0)
         S = overlap_scores(P, block_len, stride, select_len, num_select_blocks(q1, select_len))
         t = torch.arange(q0, q1, device=q.device)
         out[:, :, q0:q1] = top_blocks(S, t, select_len, num_select, num_init, num_local)

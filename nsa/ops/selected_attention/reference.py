@@ -7,13 +7,16 @@ and non-causal indices are ignored). A query whose selection holds no valid toke
 Method ("block tiles", chosen for CPU speed). The work is ``n`` (query, block) pairs per
 query and group. Gathering each pair's ``l'`` keys would copy ``n*l'*D`` floats per query;
 instead, per chunk of queries, the pairs are sorted by block and cut into tiles of ``R``
-pairs that share one block, ``R*G ~ 64`` query rows. A tile is one small dense matmul:
-``[R*G, Dk] @ [Dk, l']`` with the block's keys gathered once for the whole tile. The
-softmax over a query's ``n`` blocks is done in two steps: each pair's log-sum-exp goes into
-a dense ``[query, slot]`` table whose log-sum-exp over slots is the query's ``lse``; then
-``p = exp(s - lse)`` and the pair outputs ``p @ V`` are put into the same table and summed
-over slots (no scatter-add over queries). A custom autograd function keeps only ``o`` and
-``lse`` and recomputes the tiles in backward (``dK``/``dV`` by ``index_add_`` per tile).
+pairs ("lanes") that share one block, ``R*G ~ 64`` query rows. A tile is one small dense
+matmul ``[R*G, Dk] @ [Dk, l']`` with the block's keys gathered once for the whole tile, and
+only the tiles holding a query's own (diagonal) block need a causal mask.
+
+Softmax across a query's blocks, in one pass: each lane keeps its own max ``m`` and
+``sum exp(s - m)``, the query's ``lse`` is combined from its lanes with ``scatter_reduce``
+(max) and ``index_add_``, and the lane outputs, weighted by ``exp(m - lse)``, are summed into
+the query rows with ``index_add_``. A custom autograd function keeps only ``o``, ``lse`` and
+the tile plans; backward recomputes the tiles and scatters ``dq``/``dk``/``dv`` with
+``index_add_`` (``dk``/``dv`` once per tile, not per lane).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from nsa.ops.common import (
+    SCORE_BUDGET,
     acc_dtype,
     chunk_ranges,
-    chunk_size,
     from_groups,
     neg_inf_safe,
     num_select_blocks,
@@ -32,6 +35,9 @@ from nsa.ops.common import (
     resolve_scale,
     to_groups,
 )
+
+ROWS_PER_TILE = 64  # R * G: query rows in one tile's matmul
+QUERIES_PER_PLAN = 1024  # queries whose (query, block) pairs are sorted into tiles together
 
 
 def _blocks(x: torch.Tensor, select_len: int, dtype) -> torch.Tensor:
@@ -42,62 +48,71 @@ def _blocks(x: torch.Tensor, select_len: int, dtype) -> torch.Tensor:
     return x.view(B, nsel, select_len, Hkv, D).permute(0, 3, 1, 2, 4).to(dtype).reshape(-1, select_len, D)
 
 
+def _rows(x: torch.Tensor, num_kv_heads: int, dtype) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B*Hkv*T + 1, G, D]``: one row per (KV head, token), plus a zero
+    spare row that padding lanes read from and write to."""
+    g = to_groups(x, num_kv_heads, dtype)
+    return F.pad(g.reshape(-1, *g.shape[-2:]), (0, 0, 0, 0, 0, 1))
+
+
 def plan_tiles(idx: torch.Tensor, q0: int, T: int, nsel: int, select_len: int, R: int):
     """Tiles for queries ``[q0, q0 + C)`` from ``idx [BH, C, n]`` (int64 block indices).
 
-    Returns ``key [NT]`` (``bh*nsel + j``, the tile's block), and per tile lane (``[NT, R]``):
-    ``qrow`` (``bh*T + t``, row of the query), ``t`` (position, ``-1`` on padding lanes),
-    ``pos`` (``(bh*C + c)*n + slot`` in the chunk's ``[query, slot]`` table; padding lanes
-    point at a spare last entry ``BH*C*n``).
+    Returns ``key [NT]`` (``bh*nsel + j``: the tile's block), ``row [NT*R]`` (``bh*T + t``:
+    each lane's query row; ``BH*T``, the spare row, on padding lanes), ``tpos [NT, R]`` (each
+    lane's position ``t``, ``-1`` on padding lanes) and ``diag [NT]`` (bool: the tile's block
+    reaches past one of its queries, so it needs the causal mask).
     """
     BH, C, n = idx.shape
-    t = torch.arange(q0, q0 + C, device=idx.device)
-    earlier = torch.ones(n, n, dtype=torch.bool, device=idx.device).tril(-1)
+    dev = idx.device
+    t = torch.arange(q0, q0 + C, device=dev)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1)
     repeated = ((idx[..., :, None] == idx[..., None, :]) & earlier).any(-1)
     valid = (idx >= 0) & (idx <= (t // select_len)[None, :, None]) & ~repeated
     bh, c, slot = valid.nonzero(as_tuple=True)
     key, order = torch.sort(bh * nsel + idx[bh, c, slot], stable=True)
-    bh, c, slot = bh[order], c[order], slot[order]
+    bh, c = bh[order], c[order]
     counts = torch.bincount(key, minlength=BH * nsel)
     ntiles = (counts + R - 1) // R
-    rank = torch.arange(key.numel(), device=idx.device) - (torch.cumsum(counts, 0) - counts)[key]
-    tile = (torch.cumsum(ntiles, 0) - ntiles)[key] + rank // R
-    lane = rank % R
+    rank = torch.arange(key.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[key]
+    lane = ((torch.cumsum(ntiles, 0) - ntiles)[key] + rank // R) * R + rank % R
     NT = int(ntiles.sum())
-    tile_key = torch.repeat_interleave(torch.arange(BH * nsel, device=idx.device), ntiles)
-    qrow = torch.zeros(NT, R, dtype=torch.int64, device=idx.device)
-    qrow[tile, lane] = bh * T + q0 + c
-    tpos = torch.full((NT, R), -1, dtype=torch.int64, device=idx.device)
-    tpos[tile, lane] = q0 + c
-    pos = torch.full((NT, R), BH * C * n, dtype=torch.int64, device=idx.device)
-    pos[tile, lane] = (bh * C + c) * n + slot
-    return tile_key, qrow, tpos, pos
+    row = torch.full((NT * R,), BH * T, dtype=torch.int64, device=dev)
+    row[lane] = bh * T + q0 + c
+    tpos = torch.full((NT * R,), -1, dtype=torch.int64, device=dev)
+    tpos[lane] = q0 + c
+    tile_key = torch.repeat_interleave(torch.arange(BH * nsel, device=dev), ntiles)
+    tpos = tpos.view(NT, R)
+    last = (tile_key % nsel + 1) * select_len - 1  # last token of the tile's block
+    return tile_key, row, tpos, ((tpos >= 0) & (tpos < last[:, None])).any(1)
 
 
-def _tile_scores(qrows, kb, plan, nsel, select_len, scale):
-    """Masked scores ``[NT, R, G, l']`` and the gathered ``Q [NT, R*G, Dk]``, ``K [NT, l', Dk]``."""
-    key, qrow, tpos, _ = plan
-    NT, R = qrow.shape
-    G = qrows.shape[1]
-    Qt = qrows[qrow].view(NT, R * G, -1)
-    Kt = kb[key]
-    s = ((Qt @ Kt.transpose(1, 2)) * scale).view(NT, R, G, select_len)
-    kpos = (key % nsel)[:, None] * select_len + torch.arange(select_len, device=key.device)
-    s.masked_fill_((kpos[:, None, :] > tpos[:, :, None])[:, :, None, :], float("-inf"))
+def tile_batches(plan, R: int, tiles_per_batch: int):
+    """Split a chunk's plan into batches of tiles, so a batch's score block stays cache-sized."""
+    key, row, tpos, diag = plan
+    for a, b in chunk_ranges(key.numel(), tiles_per_batch):
+        yield key[a:b], row[a * R : b * R], tpos[a:b], diag[a:b]
+
+
+def _tile_scores(qrows, kb, batch, nsel: int, select_len: int):
+    """Scores ``[nt, R*G, l']`` of the (pre-scaled) query rows against their tile's block, the
+    causal mask applied on diagonal tiles; also the gathered ``Q [nt, R*G, Dk]`` and ``K``."""
+    key, row, tpos, diag = batch
+    nt, G, Dk = key.numel(), qrows.shape[1], qrows.shape[2]
+    Qt = qrows.index_select(0, row).view(nt, -1, Dk)
+    Kt = kb.index_select(0, key)
+    s = Qt @ Kt.transpose(1, 2)
+    d = diag.nonzero()[:, 0]
+    if d.numel():
+        kpos = (key[d] % nsel)[:, None] * select_len + torch.arange(select_len, device=key.device)
+        hidden = (kpos[:, None, :] > tpos[d][:, :, None])[:, :, None, :]  # [nd, R, 1, l']
+        s[d] = (
+            s[d]
+            .view(d.numel(), -1, G, select_len)
+            .masked_fill_(hidden, float("-inf"))
+            .view(d.numel(), -1, select_len)
+        )
     return s, Qt, Kt
-
-
-def _to_table(values: torch.Tensor, pos: torch.Tensor, rows: int, n: int, fill: float) -> torch.Tensor:
-    """Put per-lane ``values [NT, R, ...]`` at ``pos`` into a ``[rows, n, ...]`` table (spare entry dropped)."""
-    flat = values.reshape(pos.numel(), -1)
-    table = flat.new_full((rows * n + 1, flat.shape[1]), fill)
-    table[pos.reshape(-1)] = flat
-    return table[:-1].view(rows, n, *values.shape[2:])
-
-
-def _row_of(pos: torch.Tensor, n: int) -> torch.Tensor:
-    """Chunk query row ``bh*C + c`` of each lane (``BH*C`` on padding lanes)."""
-    return pos // n
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -106,69 +121,70 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, select_len, scale):
         acc, (B, T, Hkv, _), n = acc_dtype(q.dtype), k.shape, block_indices.shape[-1]
-        G = q.shape[2] // Hkv
-        BH, nsel = B * Hkv, num_select_blocks(T, select_len)
-        qrows = to_groups(q, Hkv, acc).view(BH * T, G, -1)
-        kb, vb = _blocks(k, select_len, acc), _blocks(v, select_len, acc)
+        G, Dv = q.shape[2] // Hkv, v.shape[-1]
+        BH, nsel, l = B * Hkv, num_select_blocks(T, select_len), select_len
+        qrows = _rows(q, Hkv, acc) * scale
+        kb, vb = _blocks(k, l, acc), _blocks(v, l, acc)
         idx = block_indices.permute(0, 2, 1, 3).reshape(BH, T, n).to(torch.int64)
-        R = max(1, 64 // G)
-        o = qrows.new_zeros(BH, T, G, v.shape[-1])
-        lse = qrows.new_full((BH, T, G), float("-inf"))
+        R = max(1, ROWS_PER_TILE // G)
+        tb = max(1, SCORE_BUDGET // (R * G * l))
+        o = qrows.new_zeros(BH * T + 1, G, Dv)
+        lse = qrows.new_full((BH * T + 1, G), float("-inf"))
+        tot = torch.zeros_like(lse)
         plans = []
-        for q0, q1 in chunk_ranges(T, chunk_size(B * q.shape[2] * n, select_len, multiple=select_len)):
-            C = q1 - q0
-            plan = plan_tiles(idx[:, q0:q1], q0, T, nsel, select_len, R)
-            s, _, _ = _tile_scores(qrows, kb, plan, nsel, select_len, scale)
-            lse_c = torch.logsumexp(
-                _to_table(torch.logsumexp(s, -1), plan[3], BH * C, n, float("-inf")), dim=1
-            )
-            lse_ext = F.pad(neg_inf_safe(lse_c), (0, 0, 0, 1))  # spare row for padding lanes
-            p = torch.exp_(s.sub_(lse_ext[_row_of(plan[3], n)][..., None]))
-            o_pair = p.view(p.shape[0], -1, select_len) @ vb[plan[0]]
-            o[:, q0:q1] = (
-                _to_table(o_pair.view(*plan[1].shape, G, -1), plan[3], BH * C, n, 0.0)
-                .sum(1)
-                .view(BH, C, G, -1)
-            )
-            lse[:, q0:q1] = lse_c.view(BH, C, G)
-            plans.append((q0, q1, plan))
+        for q0, q1 in chunk_ranges(T, QUERIES_PER_PLAN):
+            plan = plan_tiles(idx[:, q0:q1], q0, T, nsel, l, R)
+            row = plan[1]
+            # pass 1: each lane's log-sum-exp, combined into its query's lse
+            lse_lane = qrows.new_empty(row.numel(), G)
+            for i, batch in enumerate(tile_batches(plan, R, tb)):
+                s, _, _ = _tile_scores(qrows, kb, batch, nsel, l)
+                lse_lane[i * tb * R : i * tb * R + batch[1].numel()] = torch.logsumexp(s.view(-1, G, l), -1)
+            mx = neg_inf_safe(lse.scatter_reduce_(0, row[:, None].expand(-1, G), lse_lane, "amax")[row])
+            tot.index_add_(0, row, torch.exp(lse_lane - mx))
+            lse[row] = mx + torch.log(tot[row])
+            lse[-1] = float("inf")  # spare row: padding lanes get probability 0 in pass 2
+            # pass 2: p = exp(s - lse) and o += p @ V per lane
+            for batch in tile_batches(plan, R, tb):
+                s, _, _ = _tile_scores(qrows, kb, batch, nsel, l)
+                p = s.view(-1, G, l).sub_(lse[batch[1]][..., None]).exp_().view(s.shape)
+                o.index_add_(0, batch[1], (p @ vb.index_select(0, batch[0])).view(-1, G, Dv))
+            plans.append(plan)
+        o, lse = o[:-1], lse[:-1]
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plans, ctx.select_len, ctx.scale, ctx.n = plans, select_len, scale, n
-        return from_groups(o.view(B, Hkv, T, G, -1)).to(q.dtype)
+        ctx.plans, ctx.select_len, ctx.scale, ctx.tb = plans, select_len, scale, tb
+        return from_groups(o.view(B, Hkv, T, G, Dv)).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        (B, T, Hkv, Dk), acc, l, scale, n = k.shape, o.dtype, ctx.select_len, ctx.scale, ctx.n
-        BH, G, nsel = B * Hkv, o.shape[2], num_select_blocks(T, l)
-        qrows = to_groups(q, Hkv, acc).view(BH * T, G, -1)
-        dorows = to_groups(do, Hkv, acc).view(BH, T, G, -1)
+        (B, T, Hkv, Dk), acc, l = k.shape, o.dtype, ctx.select_len
+        G, nsel = o.shape[1], num_select_blocks(T, l)
+        R = max(1, ROWS_PER_TILE // G)
+        qrows = _rows(q, Hkv, acc) * ctx.scale
+        dorows = _rows(do, Hkv, acc)
         kb, vb = _blocks(k, l, acc), _blocks(v, l, acc)
-        delta = (dorows * o).sum(-1)  # [BH, T, G]
-        dq = torch.zeros_like(qrows).view(BH, T, G, Dk)
-        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-        dorows = dorows.view(BH * T, G, -1)
-        for q0, q1, plan in ctx.plans:
-            key, qrow, _, pos = plan
-            NT, R = qrow.shape
-            C = q1 - q0
-            rows = _row_of(pos, n)
-            s, Qt, Kt = _tile_scores(qrows, kb, plan, nsel, l, scale)
-            lse_ext = F.pad(neg_inf_safe(lse[:, q0:q1].reshape(BH * C, G)), (0, 0, 0, 1))
-            delta_ext = F.pad(delta[:, q0:q1].reshape(BH * C, G), (0, 0, 0, 1))
-            p = torch.exp_(s.sub_(lse_ext[rows][..., None])).view(NT, R * G, l)
-            dOt = dorows[qrow].view(NT, R * G, -1)
-            Vt = vb[key]
-            dvb.index_add_(0, key, p.transpose(1, 2) @ dOt)
-            ds = p * ((dOt @ Vt.transpose(1, 2)).view(NT, R, G, l) - delta_ext[rows][..., None]).view(
-                NT, R * G, l
-            )
-            dkb.index_add_(0, key, (ds.transpose(1, 2) @ Qt) * scale)
-            dq_pair = ((ds @ Kt) * scale).view(NT, R, G, Dk)
-            dq[:, q0:q1] = _to_table(dq_pair, pos, BH * C, n, 0.0).sum(1).view(BH, C, G, Dk)
+        # spare row: lse = +inf makes padding lanes' probabilities exactly 0
+        lse = F.pad(neg_inf_safe(lse), (0, 0, 0, 1), value=float("inf"))
+        delta = F.pad((dorows[:-1] * o).sum(-1), (0, 0, 0, 1))  # [BH*T + 1, G]
+        dq, dkb, dvb = torch.zeros_like(qrows), torch.zeros_like(kb), torch.zeros_like(vb)
+        for plan in ctx.plans:
+            for batch in tile_batches(plan, R, ctx.tb):
+                key, row = batch[0], batch[1]
+                nt = key.numel()
+                s, Qt, Kt = _tile_scores(qrows, kb, batch, nsel, l)
+                p = s.view(-1, G, l).sub_(lse[row][..., None]).exp_().view(nt, -1, l)
+                dOt = dorows.index_select(0, row).view(nt, -1, dorows.shape[-1])
+                dvb.index_add_(0, key, p.transpose(1, 2) @ dOt)
+                ds = (
+                    (dOt @ vb.index_select(0, key).transpose(1, 2)).view(-1, G, l).sub_(delta[row][..., None])
+                )
+                ds = ds.view(nt, -1, l).mul_(p)
+                dkb.index_add_(0, key, ds.transpose(1, 2) @ Qt)
+                dq.index_add_(0, row, (ds @ Kt).view(-1, G, Dk))
         dk = dkb.view(B, Hkv, nsel * l, Dk)[:, :, :T].permute(0, 2, 1, 3)
         dv = dvb.view(B, Hkv, nsel * l, -1)[:, :, :T].permute(0, 2, 1, 3)
-        dq = from_groups(dq.view(B, Hkv, T, G, Dk))
+        dq = from_groups(dq[:-1].view(B, Hkv, T, G, Dk)) * ctx.scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
