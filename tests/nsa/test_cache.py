@@ -171,3 +171,25 @@ def test_decode_equals_forward_on_cuda_paper_settings():
     assert cache.num_cmp == kv_tokens_read(T, block_len=32, stride=16, select_len=64, num_select=16,
                                            window=512)["compressed"]
     assert per_token_relerr(yd[:, prefill:], y[:, prefill:]) < 1e-4
+
+
+def test_decode_steps_read_only_the_cache(monkeypatch):
+    """After prefill, a step never runs the full-sequence ops: it works from the cached state."""
+    import nsa
+
+    layer = make_layer(10)
+    cfg = layer.cfg
+    x = torch.randn(1, 60, cfg.hidden_size)
+    cos, sin = tables(1, 60, cfg.head_dim_k)
+    cache = layer.new_cache(1, 60)
+    with torch.no_grad():
+        layer(x[:, :40], cos[:, :40], sin[:, :40], cache=cache)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("a decode step called a full-sequence op")
+
+        for op in ("compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention"):
+            monkeypatch.setattr(nsa, op, forbidden)
+        for t in range(40, 60):
+            layer(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], cache=cache)
+    assert cache.length == 60
