@@ -163,8 +163,27 @@ def longbench_section(entries: list[Entry], out: Path) -> str:
     rows.append(["**average**"] + [e.results["longbench"]["results"]["average"] for e in have])
     grouped_bars(cats, {e.name: [e.results["longbench"]["results"]["categories"].get(c) for c in cats] for e in have},
                  out / "longbench_categories.png", "score (x100)", "LongBench by category")
-    return ("## LongBench\n\n" + markdown_table(["task"] + [e.name for e in have], rows, 2)
+    text = ("## LongBench\n\n" + markdown_table(["task"] + [e.name for e in have], rows, 2)
             + "\n![LongBench](longbench_categories.png)\n\n")
+    return text + longbench_e_table(have)
+
+
+def longbench_e_table(entries: list[Entry]) -> str:
+    """LongBench-E: mean task score per length bucket for each run (runs without buckets skipped)."""
+    means: dict[str, dict[str, float]] = {}
+    for e in entries:
+        per_bucket: dict[str, list[float]] = {}
+        for v in e.results["longbench"]["results"]["tasks"].values():
+            for b, score in (v.get("buckets") or {}).items():
+                if score is not None:
+                    per_bucket.setdefault(b, []).append(score)
+        if per_bucket:
+            means[e.name] = {b: sum(x) / len(x) for b, x in per_bucket.items()}
+    if not means:
+        return ""
+    buckets = list(dict.fromkeys(b for m in means.values() for b in m))
+    rows = [[name] + [m.get(b) for b in buckets] for name, m in means.items()]
+    return "### LongBench-E by context length (words)\n\n" + markdown_table(["run"] + buckets, rows, 2) + "\n"
 
 
 def mmlu_section(entries: list[Entry]) -> str:

@@ -72,3 +72,15 @@ def test_errors_and_throughput(tmp_path):
     (tmp_path / "niah").mkdir()
     (tmp_path / "niah" / "results.json").write_text(json.dumps({"task": "niah", "run_dir": None, "results": {}}))
     assert compare.load_entry(tmp_path).run_dir is None
+
+
+def test_longbench_e_table():
+    def entry(name, buckets):
+        e = compare.Entry(name=name, run_dir=None, eval_dir=None)
+        e.results["longbench"] = {"results": {"tasks": {"a": {"score": 1.0, "buckets": buckets[0]},
+                                                        "b": {"score": 2.0, "buckets": buckets[1]}}}}
+        return e
+
+    text = compare.longbench_e_table([entry("nsa", [{"0-4k": 10.0, "8k+": None}, {"0-4k": 20.0, "8k+": 4.0}]),
+                                      entry("plain", [{}, {}])])
+    assert "| nsa | 15.00 | 4.00 |" in text and "plain" not in text
