@@ -235,6 +235,7 @@ def _assert_backends_agree(out, names, tol):
         assert relerr(a, b) < tol, name
 
 
+@pytest.mark.slow  # ~10 s of CPU in the interpreter; the CUDA test below covers the same on a GPU
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 def test_triton_backend_matches_torch_on_cpu_interpreter():
     """Same weights, both backends (Triton through TRITON_INTERPRET on CPU): float32
