@@ -73,7 +73,7 @@ def test_generate_greedy_matches_uncached_argmax(kind):
     tokens of repeated full forward passes over each row alone."""
     torch.manual_seed(0)
     model = build_model(model_cfg(), attn_cfg(kind)).eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13]]  # 17 tokens: past the window w=16
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13]]  # up to 17 tokens: past the window w=16
     got = generate(model, prompts, max_new_tokens=12, batch_size=2)
     assert got == [_greedy_reference(model, p, 12) for p in prompts]
 
