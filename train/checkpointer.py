@@ -52,7 +52,7 @@ def _broadcast(obj):
 
 
 def save(engine, root: Path, step: int, trainer_state: dict, *, keep_last: int, with_sha256: bool,
-         rank: int, log=print) -> bool:
+         rank: int, log=print, kill_after_write: bool = False) -> bool:
     """Write checkpoint ``step``; returns False (and logs why) if it could not be written."""
     import torch.distributed as dist
 
@@ -78,6 +78,11 @@ def save(engine, root: Path, step: int, trainer_state: dict, *, keep_last: int, 
             write_rank_state(tmp, rank)
             if rank == 0:
                 (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            if kill_after_write:  # fault injection: die like a preempted node, files written, no manifest
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             ok = True
         except Exception as e:  # OSError, or torch's RuntimeError from a failed file write
             ok, err = False, f"writing checkpoint {tmp} failed on rank {rank}: {e}"

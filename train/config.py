@@ -113,10 +113,12 @@ class TrainLoopConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection for the reliability tests: steps (1-based) whose loss or grads become NaN."""
+    """Fault injection for the reliability tests: steps (1-based) whose loss or grads become NaN;
+    ``kill_in_save_at_step``: SIGKILL this process while the checkpoint of that step is half written."""
 
     nan_loss_at_steps: List[int] = field(default_factory=list)
     nan_grad_at_steps: List[int] = field(default_factory=list)
+    kill_in_save_at_step: int = 0
 
 
 @dataclass

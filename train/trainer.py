@@ -153,7 +153,7 @@ class Trainer:
             from train.model.flops import flops_per_token
         except ImportError:
             return None
-        return float(flops_per_token(self.model_cfg, self.attn_cfg, int(self.cfg.train.seq_len)))
+        return float(flops_per_token(self.model_cfg, self.attn_cfg, int(self.cfg.train.seq_len), training=True)["total"])
 
     def _expected(self) -> dict:
         return {"model": self.model_dict, "attention": self.attn_dict, "world_size": self.world_size,
@@ -308,7 +308,7 @@ class Trainer:
         c = self.cfg.checkpoint
         ok = checkpointer.save(self.engine, self.ckpt_root, self.step, self.trainer_state(),
                                keep_last=int(c.keep_last), with_sha256=c.verify == "sha256", rank=self.rank,
-                               log=self.log)
+                               log=self.log, kill_after_write=self.step == int(self.cfg.debug.kill_in_save_at_step))
         if not ok and c.on_save_error == "stop":
             raise SaveError(f"checkpoint at step {self.step} could not be written (checkpoint.on_save_error=stop)")
         return ok

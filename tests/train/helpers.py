@@ -17,7 +17,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-VOCAB = 320  # tokenizer size; the tiny_cpu model has 512 embedding rows
+VOCAB = 320  # tokenizer size; the tiny_cpu model has 4096 embedding rows
 
 
 def make_dataset(root: Path, n_train: int = 400, n_val: int = 20, seed: int = 0) -> Path:
@@ -55,7 +55,7 @@ def make_dataset(root: Path, n_train: int = 400, n_val: int = 20, seed: int = 0)
 
 def base_overrides(data_dir: Path, out: Path, run_name: str = "t") -> list[str]:
     return ["experiment=tiny_cpu", f"data.out_dir={data_dir}", f"tokenizer.path={data_dir / 'tokenizer.model'}",
-            f"tokenizer.vocab_size={VOCAB}", f"output_root={out}", f"run_name={run_name}"]
+            f"output_root={out}", f"run_name={run_name}"]
 
 
 def env() -> dict:
@@ -69,8 +69,16 @@ def env() -> dict:
 def cmd(overrides: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "train", *overrides]
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
             "-m", "train", *overrides]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train(overrides: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, **kw):
