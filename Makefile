@@ -25,8 +25,11 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check nsa train data eval bench tests
 
+# The main job on an embedded default: NSA and full attention trained side by side on the
+# Python standard library, evaluated and compared (outputs/demo/report.md). Finished steps
+# are not redone on a second run.
 demo: $(STAMP)
-	$(PY) -m bench.attention --device cpu --seqlens 2048 4096 --repeats 1
+	PYTHON=$(abspath $(PY)) bash launch/demo.sh
 
 clean:
 	rm -rf $(VENV) outputs
