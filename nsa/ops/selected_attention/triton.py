@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.select_blocks.triton import doc_tiles
+from nsa.ops.select_blocks.triton import doc_tiles, dot_nt, load_rows, load_split, split_dim
 from nsa.ops.triton_utils import batch_cu_seqlens, dot_precision, is_interpreter
 
 __all__ = ["selected_attention"]
@@ -32,9 +32,15 @@ MIN_CHUNK = 2048
 
 
 @triton.jit
-def _load_rows(X, row_off, ok, offs_d, D: tl.constexpr):
-    """Load rows ``X[row_off + d]`` for ``d < D`` as ``[len(row_off), len(offs_d)]`` (0 outside)."""
-    return tl.load(X + row_off[:, None] + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+def _store_split(X, row_off, ok, a1, a2, D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """Store a split head dim (tiles ``a1`` = columns ``[0, D1)``, ``a2`` = ``[D1, D1 + D2)``)."""
+    offs1 = tl.arange(0, D1)
+    tl.store(X + row_off[:, None] + offs1[None, :], a1.to(X.dtype.element_ty),
+             mask=ok[:, None] & (offs1[None, :] < D))
+    if D2 > 0:
+        offs2 = tl.arange(0, D2)
+        tl.store(X + D1 + row_off[:, None] + offs2[None, :], a2.to(X.dtype.element_ty),
+                 mask=ok[:, None] & (offs2[None, :] < D - D1))
 
 
 @triton.jit
@@ -61,15 +67,14 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_it, stride_ih, stride_ot, stride_oh, stride_lt, stride_lh,
     scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr,
+    DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
     SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     t, hkv, d0, t_rel, heads, r_ok = _query_group(DOC0, G, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q = _load_rows(Q, t * stride_qt + heads * stride_qh, r_ok, offs_dk, DK)
+    q1, q2 = load_split(Q, t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -82,9 +87,9 @@ def _fwd_kernel(
                 s_rel = j * SEL + b + offs_n
                 kv_ok = (s_rel <= t_rel) & (b + offs_n < SEL)
                 tok = d0 + s_rel
-                k = _load_rows(K, tok * stride_kt + hkv * stride_kh, kv_ok, offs_dk, DK)
-                v = _load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
+                v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
+                s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
                 s = tl.where(kv_ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,19 +112,19 @@ def _bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_it, stride_ih,
     stride_dot, stride_doh, stride_lt, stride_lh, stride_dqt, stride_dqh,
     scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr,
+    DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
     SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     t, hkv, d0, t_rel, heads, r_ok = _query_group(DOC0, G, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q = _load_rows(Q, t * stride_qt + heads * stride_qh, r_ok, offs_dk, DK)
-    do = _load_rows(DO, t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
+    q1, q2 = load_split(Q, t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
+    do = load_rows(DO, t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
     lse = tl.load(LSE + t * stride_lt + heads * stride_lh, mask=r_ok, other=float("inf"))
     delta = tl.load(DELTA + t * stride_lt + heads * stride_lh, mask=r_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, DK1], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, DK2B], tl.float32)
     slot = tl.arange(0, NP)
     sel = tl.load(IDX + t * stride_it + hkv * stride_ih + slot, mask=slot < NSEL, other=-1).to(tl.int64)
     for i in range(NSEL):
@@ -129,15 +134,17 @@ def _bwd_dq_kernel(
                 s_rel = j * SEL + b + offs_n
                 kv_ok = (s_rel <= t_rel) & (b + offs_n < SEL)
                 tok = d0 + s_rel
-                k = _load_rows(K, tok * stride_kt + hkv * stride_kh, kv_ok, offs_dk, DK)
-                v = _load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
+                v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
+                s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
                 p = tl.where(kv_ok[None, :] & r_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + t * stride_dqt + heads[:, None] * stride_dqh + offs_dk[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=r_ok[:, None] & (offs_dk[None, :] < DK))
+                ds = ds.to(k1.dtype)
+                dq1 += tl.dot(ds, k1, input_precision=PREC)
+                if DK2 > 0:
+                    dq2 += tl.dot(ds, k2, input_precision=PREC)
+    _store_split(DQ, t * stride_dqt + heads * stride_dqh, r_ok, dq1 * scale, dq2 * scale, DK, DK1, DK2)
 
 
 @triton.jit
@@ -148,7 +155,8 @@ def _bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     scale, n_lists_per_head,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, SEL: tl.constexpr, BLOCK_S: tl.constexpr,
+    DK1: tl.constexpr, DK2: tl.constexpr, DK2B: tl.constexpr, PW: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SEL: tl.constexpr, BLOCK_S: tl.constexpr,
     PREC: tl.constexpr,
 ):
     w = tl.program_id(0).to(tl.int64)
@@ -167,11 +175,11 @@ def _bwd_dkdv_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     tok = b_start + offs_s
     s_ok = (offs_s < SEL) & (tok < b_end)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K, tok * stride_kt + hkv * stride_kh, s_ok, offs_dk, DK)
-    v = _load_rows(V, tok * stride_vt + hkv * stride_vh, s_ok, offs_dv, DV)
-    dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
+    k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, s_ok, DK, DK1, DK2)
+    v = load_rows(V, tok * stride_vt + hkv * stride_vh, s_ok, offs_dv, DV)
+    dk1 = tl.zeros([BLOCK_S, DK1], tl.float32)
+    dk2 = tl.zeros([BLOCK_S, DK2B], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     M: tl.constexpr = BLOCK_T * GP
     rows = tl.arange(0, M)
@@ -182,25 +190,28 @@ def _bwd_dkdv_kernel(
         e = e0 + r_e
         r_ok = (e < e_end) & (r_g < G)
         t = tl.load(TLIST + e, mask=r_ok, other=0).to(tl.int64)
-        q = _load_rows(Q, t * stride_qt + heads * stride_qh, r_ok, offs_dk, DK)
-        do = _load_rows(DO, t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
+        q1, q2 = load_split(Q, t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
+        do = load_rows(DO, t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
         lse = tl.load(LSE + t * stride_lt + heads * stride_lh, mask=r_ok, other=float("inf"))
         delta = tl.load(DELTA + t * stride_lt + heads * stride_lh, mask=r_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
         ok = r_ok[:, None] & s_ok[None, :] & (tok[None, :] <= t[:, None])
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    dk = dk * scale
+        dsT = tl.trans(ds.to(q1.dtype))
+        dk1 += tl.dot(dsT, q1, input_precision=PREC)
+        if DK2 > 0:
+            dk2 += tl.dot(dsT, q2, input_precision=PREC)
+    dk1 = dk1 * scale
+    dk2 = dk2 * scale
     if slot < 0:
-        tl.store(DK_OUT + tok[:, None] * stride_dkt + hkv * stride_dkh + offs_dk[None, :],
-                 dk.to(DK_OUT.dtype.element_ty), mask=s_ok[:, None] & (offs_dk[None, :] < DK))
+        _store_split(DK_OUT, tok * stride_dkt + hkv * stride_dkh, s_ok, dk1, dk2, DK, DK1, DK2)
         tl.store(DV_OUT + tok[:, None] * stride_dvt + hkv * stride_dvh + offs_dv[None, :],
                  dv.to(DV_OUT.dtype.element_ty), mask=s_ok[:, None] & (offs_dv[None, :] < DV))
     else:
-        tl.store(PDK + slot * BLOCK_S * BLOCK_DK + offs_s[:, None] * BLOCK_DK + offs_dk[None, :], dk)
+        _store_split(PDK, slot * BLOCK_S * PW + offs_s * PW, offs_s >= 0, dk1, dk2, DK, DK1, DK2)
         tl.store(PDV + slot * BLOCK_S * BLOCK_DV + offs_s[:, None] * BLOCK_DV + offs_dv[None, :], dv)
 
 
@@ -208,7 +219,7 @@ def _bwd_dkdv_kernel(
 def _bwd_reduce_kernel(
     DK_OUT, DV_OUT, PDK, PDV, SLOTS, BLOCKS,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, n_lists_per_head,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, PW: tl.constexpr, BLOCK_DV: tl.constexpr,
     SEL: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Sum the chunk partials of one long list in slot order (deterministic)."""
@@ -229,7 +240,7 @@ def _bwd_reduce_kernel(
     dk = tl.zeros([BLOCK_S, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     for c in range(first, first + count):
-        dk += tl.load(PDK + c * BLOCK_S * BLOCK_DK + offs_s[:, None] * BLOCK_DK + offs_dk[None, :])
+        dk += load_rows(PDK, c * BLOCK_S * PW + offs_s * PW, offs_s >= 0, offs_dk, DK)
         dv += tl.load(PDV + c * BLOCK_S * BLOCK_DV + offs_s[:, None] * BLOCK_DV + offs_dv[None, :])
     tl.store(DK_OUT + tok[:, None] * stride_dkt + hkv * stride_dkh + offs_dk[None, :],
              dk.to(DK_OUT.dtype.element_ty), mask=s_ok[:, None] & (offs_dk[None, :] < DK))
@@ -239,6 +250,13 @@ def _bwd_reduce_kernel(
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
+
+
+def _dk_split(dk: int) -> dict:
+    """Kernel constants of the split key head dim (see ``split_dim``); DK2B sizes an unused
+    accumulator when there is no second tile."""
+    d1, d2 = split_dim(dk)
+    return {"DK1": d1, "DK2": d2, "DK2B": max(d2, 16)}
 
 
 def _launch_cfg(dk: int, dv: int) -> dict:
@@ -288,7 +306,7 @@ def _fwd_impl(q, k, v, block_indices, cu_seqlens, select_len, scale):
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         idx.stride(0), idx.stride(1), of.stride(0), of.stride(1), lf.stride(0), lf.stride(1),
         scale,
-        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv),
+        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=_pow2(Dv),
         NSEL=idx.shape[-1], NP=triton.next_power_of_2(idx.shape[-1]), SEL=select_len, BLOCK_N=block_n, PREC=dot_precision(qf.dtype),
         **_launch_cfg(Dk, Dv),
     )
@@ -368,7 +386,7 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
     delta = (oc.float() * dc.float()).sum(-1).reshape(B * T, H).contiguous()
     prec = dot_precision(qf.dtype)
     cfg = _launch_cfg(Dk, Dv)
-    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    bdv = _pow2(Dv)
     nsel = idx.shape[-1]
 
     dq = torch.empty(B * T, H, Dk, dtype=qf.dtype, device=q.device)
@@ -378,7 +396,7 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
         idx.stride(0), idx.stride(1), dof.stride(0), dof.stride(1), lf.stride(0), lf.stride(1),
         dq.stride(0), dq.stride(1),
         scale,
-        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, NSEL=nsel, NP=triton.next_power_of_2(nsel), SEL=select_len,
+        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=bdv, NSEL=nsel, NP=triton.next_power_of_2(nsel), SEL=select_len,
         BLOCK_N=min(64, _pow2(select_len)), PREC=prec, **cfg,
     )
 
@@ -392,7 +410,8 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
     block_s = _pow2(select_len)
     dk = torch.empty(B * T, Hkv, Dk, dtype=qf.dtype, device=q.device)
     dv = torch.empty(B * T, Hkv, Dv, dtype=qf.dtype, device=q.device)
-    pdk = torch.empty(max(n_slots, 1), block_s, bdk, dtype=torch.float32, device=q.device)
+    pw = _dk_split(Dk)["DK1"] + _dk_split(Dk)["DK2B"]  # partial dk row width
+    pdk = torch.empty(max(n_slots, 1), block_s, pw, dtype=torch.float32, device=q.device)
     pdv = torch.empty(max(n_slots, 1), block_s, bdv, dtype=torch.float32, device=q.device)
     n_per_head = blocks.shape[0]
     _bwd_dkdv_kernel[(work.shape[0],)](
@@ -401,14 +420,14 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
         dof.stride(0), dof.stride(1), lf.stride(0), lf.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         scale, n_per_head,
-        G=G, GP=GP, BLOCK_T=block_t, DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, SEL=select_len,
+        G=G, GP=GP, BLOCK_T=block_t, DK=Dk, DV=Dv, **_dk_split(Dk), PW=pw, BLOCK_DV=bdv, SEL=select_len,
         BLOCK_S=block_s, PREC=prec, **cfg,
     )
     if n_slots > 0:
         _bwd_reduce_kernel[(Hkv * n_per_head,)](
             dk, dv, pdk, pdv, slots, blocks,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), n_per_head,
-            DK=Dk, DV=Dv, BLOCK_DK=bdk, BLOCK_DV=bdv, SEL=select_len, BLOCK_S=block_s,
+            DK=Dk, DV=Dv, BLOCK_DK=_pow2(Dk), PW=pw, BLOCK_DV=bdv, SEL=select_len, BLOCK_S=block_s,
         )
     return (dq.view(B, T, H, Dk).to(q.dtype), dk.view(B, T, Hkv, Dk).to(k.dtype),
             dv.view(B, T, Hkv, Dv).to(v.dtype))
