@@ -58,6 +58,19 @@ class MoE(nn.Module):
         for w in (self.router.weight, self.w_gate, self.w_up):
             nn.init.normal_(w, 0.0, std)
         nn.init.normal_(self.w_down, 0.0, std if out_std is None else out_std)
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.load_accum.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Move the balancing state with the module but keep it float32: bias steps of
+        ~1e-3 would be rounded away in bfloat16 (``model.to(bfloat16)``, DeepSpeed bf16)."""
+        keep = {name: self._buffers[name] for name in ("expert_bias", "load_accum")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            self._buffers[name] = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
+        return self
 
     # ---------------------------------------------------------------- routing
     def route(self, x2d: torch.Tensor, batch: int):

@@ -48,7 +48,7 @@ def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: i
 
 def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[dim // 2]`` float64 and the cos/sin multiplier (mscale)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     if scaling is None:
         return inv_freq, 1.0
     validate_rope_scaling(scaling)
@@ -57,7 +57,7 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tup
     beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
     low = max(math.floor(_yarn_correction_dim(beta_fast, dim, theta, orig)), 0)
     high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, theta, orig)), dim // 2 - 1)
-    idx = torch.arange(dim // 2, dtype=torch.float64)
+    idx = torch.arange(dim // 2, dtype=torch.float64, device="cpu")
     ramp = ((idx - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0: keep, 1: interpolate
     inv_freq = inv_freq * (1 - ramp) + (inv_freq / factor) * ramp
     mscale = scaling.get("mscale")
@@ -66,15 +66,23 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None = None) -> tup
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables ``[B, T, dim // 2]`` (float32) from ``position_ids [B, T]``."""
+    """cos/sin tables ``[B, T, dim // 2]`` (float32) from ``position_ids [B, T]``.
+
+    The frequencies are a plain float64 CPU attribute, not a buffer, so that
+    ``model.to(bfloat16)`` cannot round them and a meta-device build still has them;
+    angles are computed in float64 (exact positions up to 2**53) and rounded once.
+    """
 
     def __init__(self, dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        inv_freq, self.mscale = rope_frequencies(dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.inv_freq, self.mscale = rope_frequencies(dim, theta, scaling)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [B, T], got shape {tuple(position_ids.shape)}")
-        angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
-        return angles.cos() * self.mscale, angles.sin() * self.mscale
+        dev = position_ids.device
+        if dev not in self._on_device:
+            self._on_device[dev] = self.inv_freq.to(dev)
+        angles = position_ids.to(torch.float64)[..., None] * self._on_device[dev]
+        return (angles.cos() * self.mscale).float(), (angles.sin() * self.mscale).float()

@@ -130,6 +130,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """(Re-)initialise every weight; also after ``to_empty`` from a meta-device build."""
+        for blk in self.layers:
+            if not isinstance(blk.attn, FullAttention):
+                blk.attn.reset_parameters()  # NSA's own init first; shared projections are redone below
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         nn.init.normal_(self.embed.weight, 0.0, std)

@@ -95,3 +95,30 @@ def test_few_steps_reduce_loss(kind, mlp):
         model.update_moe_bias()
         losses.append(out.stats["lm_loss"])
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_bf16_cast_keeps_rope_and_router_bias_in_float32():
+    model = build_model(model_cfg("moe"), attn_cfg("full"))
+    model.layers[1].mlp.expert_bias.fill_(0.3001)
+    model = model.to(torch.bfloat16)
+    assert model.layers[1].mlp.expert_bias.dtype == torch.float32
+    assert float(model.layers[1].mlp.expert_bias[0]) == pytest.approx(0.3001, rel=1e-6)
+    assert model.rotary.inv_freq.dtype == torch.float64
+    assert model(torch.zeros(1, 5, dtype=torch.long)).logits.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["full", "nsa"])
+def test_meta_build_then_materialise(kind):
+    """Build on meta, allocate with to_empty, initialise: same init statistics as a direct build."""
+    with torch.device("meta"):
+        model = build_model(model_cfg("moe"), attn_cfg(kind))
+    model = model.to_empty(device="cpu")
+    model.reset_parameters()
+    torch.manual_seed(0)
+    direct = build_model(model_cfg("moe"), attn_cfg(kind))
+    for (name, p), q in zip(model.named_parameters(), direct.parameters(), strict=True):
+        assert torch.isfinite(p).all(), name
+        assert float(p.std() if p.numel() > 1 else p.abs()) == pytest.approx(
+            float(q.std() if q.numel() > 1 else q.abs()), rel=0.35, abs=1e-6), name
+    assert model.layers[1].mlp.expert_bias.abs().sum() == 0
