@@ -174,6 +174,28 @@ def test_paper_dims_on_gpu(dtype):
     check(*res, TOL[dtype])
 
 
+@pytest.mark.parametrize("branch", ["compressed", "window"])
+def test_dkv_row_split(branch, monkeypatch):
+    """dk/dv with the query rows of each key tile split over several programs (partial sums
+    in float32, reduced afterwards), as long compressed sequences use on the GPU."""
+    import nsa.ops.compressed_attention.triton as kernels
+
+    monkeypatch.setattr(kernels, "DKV_SPLIT_ROWS", 64)
+    T, H, Hkv, Dk, Dv = 70, 16, 1, 24, 40
+    if branch == "compressed":
+        q, k, v = inputs(1, T, H, Hkv, Dk, Dv, _num_cmp(T, 16, 8), torch.float32)
+        fns = [lambda *x, b=b: _compressed(*x, 16, 8, None, b) for b in ("triton", "torch")]
+        cot = [torch.randn(1, T, H, Dv).to(DEVICE), torch.zeros(1, T, H).to(DEVICE)]
+        band = (16, 8, kernels.NO_WINDOW)
+    else:
+        q, k, v = inputs(1, T, H, Hkv, Dk, Dv, T, torch.float32)
+        fns = [lambda *x, b=b: _window(*x, 20, None, b) for b in ("triton", "torch")]
+        cot = [torch.randn(1, T, H, Dv).to(DEVICE)]
+        band = (1, 1, 20)
+    assert kernels._dkv_row_chunks(T, H // Hkv, *band)[0] > 1
+    check(*run_both(*fns, [q, k, v], cot), TOL[torch.float32])
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
