@@ -59,17 +59,18 @@ class KVCache:
         return self.k[:, :past + T], self.v[:, :past + T], past
 
 
-def _sdpa(q, k, v, *, scale, mask=None, is_causal=False):
+def _sdpa(q, k, v, *, scale, mask=None, is_causal=False, fused_layout=None):
     """SDPA on ``[B, T, H, D]`` tensors; returns ``[B, T, H, Dv]``.
 
-    CPU: GQA through ``enable_gqa``. CUDA: the flash / cuDNN kernels take neither a
-    GQA broadcast nor ``Dv != Dk`` (without them SDPA falls back to the O(T^2)-memory
-    math path), so K/V heads are repeated to ``H`` and the narrower of q/k and v is
-    zero-padded (zeros change neither ``q.k`` nor the kept output columns).
+    CPU: GQA through ``enable_gqa``. CUDA (``fused_layout``, default ``q.is_cuda``): the
+    flash kernel, the only one that takes ``enable_gqa``, needs ``Dv == Dk``; otherwise
+    SDPA silently falls back to the O(T^2)-memory math path. So K/V heads are repeated
+    to ``H`` and the narrower of q/k and v is zero-padded (zeros change neither ``q.k``
+    nor the kept output columns).
     """
     H, Dk, Dv = q.shape[2], q.shape[-1], v.shape[-1]
     gqa = H != k.shape[2]
-    if q.is_cuda:
+    if q.is_cuda if fused_layout is None else fused_layout:
         if gqa:
             k, v = (t.repeat_interleave(H // k.shape[2], dim=2) for t in (k, v))
             gqa = False

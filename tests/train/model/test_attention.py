@@ -37,6 +37,17 @@ def test_full_attention_matches_explicit_softmax():
     assert y.shape == (2, 11, 32) and y.dtype == torch.float64
 
 
+@pytest.mark.parametrize("dk, dv", [(8, 6), (6, 8), (8, 8)])
+def test_fused_layout_equals_gqa_broadcast(dk, dv):
+    """The CUDA layout (K/V heads repeated, head dims zero-padded) gives the same attention."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 4, dk, dtype=torch.float64)
+    k, v = torch.randn(2, 9, 2, dk, dtype=torch.float64), torch.randn(2, 9, 2, dv, dtype=torch.float64)
+    ref = attention._sdpa(q, k, v, scale=0.3, is_causal=True, fused_layout=False)
+    got = attention._sdpa(q, k, v, scale=0.3, is_causal=True, fused_layout=True)
+    assert got.shape == (2, 9, 4, dv) and rel_err(got, ref) < 1e-12  # float64, same math
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_shapes_and_dtype(kind):
     torch.manual_seed(0)
