@@ -174,6 +174,17 @@ def test_paper_dims_on_gpu(dtype):
     check(*res, TOL[dtype])
 
 
+@pytest.mark.skipif(CUDA, reason="the GPU runs bfloat16 natively (test_*_matches_torch)")
+def test_bfloat16_upcast_in_interpreter():
+    """bfloat16 inputs on CPU run the kernels in float32 (the interpreter's bf16 math is wrong)
+    and come back in bfloat16: error is the bf16 rounding of inputs and outputs only."""
+    q, k, v = inputs(1, 33, 4, 2, 16, 24, 33, torch.bfloat16)
+    res = run_both(lambda *x: _window(*x, 9, None, "triton"), lambda *x: _window(*x, 9, None, "torch"), [q, k, v],
+                   [torch.randn(1, 33, 4, 24)])
+    assert res[0][0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in res[1])
+    check(*res, TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("branch", ["compressed", "window"])
 def test_dkv_row_split(branch, monkeypatch):
     """dk/dv with the query rows of each key tile split over several programs (partial sums
