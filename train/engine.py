@@ -84,6 +84,29 @@ def teardown_distributed(launch: str) -> None:
             os.environ.pop(v, None)
 
 
+class SkippableAdamW:
+    """Factory for an AdamW whose next ``step()`` can be turned into a no-op (``skip_next``).
+
+    ZeRO-1/2/3 skip a step with non-finite gradients themselves; under ZeRO-0 DeepSpeed
+    calls the optimizer directly, so the trainer sets ``skip_next`` instead (weights and
+    Adam moments stay exactly as they were).
+    """
+
+    def __new__(cls, *args, **kwargs):
+        import torch
+
+        class _AdamW(torch.optim.AdamW):
+            skip_next = False
+
+            def step(self, closure=None):
+                if self.skip_next:
+                    self.skip_next = False
+                    return None
+                return super().step(closure)
+
+        return _AdamW(*args, **kwargs)
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (ndim >= 2) only; norms, biases and gates' scalars get none."""
     decay, no_decay = [], []
@@ -96,12 +119,11 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def build_engine(cfg, model, ds_config: dict):
     """AdamW + ``deepspeed.initialize``; the engine's checkpoint reads are made pickle-safe."""
     import deepspeed
-    import torch
 
     from train.checkpoint import make_engine_loads_safe
 
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, float(o.weight_decay)), lr=float(o.lr),
+    opt = SkippableAdamW(param_groups(model, float(o.weight_decay)), lr=float(o.lr),
                             betas=(float(o.beta1), float(o.beta2)), eps=float(o.eps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     make_engine_loads_safe(engine)

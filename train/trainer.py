@@ -232,8 +232,10 @@ class Trainer:
         norms = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
         gn = float(torch.stack(norms).norm()) if norms else 0.0
         if not math.isfinite(gn):
-            for p in self.params:
-                p.grad = None  # AdamW skips parameters without grads: weights and moments unchanged
+            for p in self.params:  # finite grads for DeepSpeed's clipping; the update itself is skipped
+                if p.grad is not None:
+                    p.grad.zero_()
+            self.engine.optimizer.skip_next = True
         return gn
 
     def train_step(self, it) -> dict:

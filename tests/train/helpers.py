@@ -60,7 +60,9 @@ def base_overrides(data_dir: Path, out: Path, run_name: str = "t") -> list[str]:
 
 def env() -> dict:
     e = dict(os.environ)
-    e.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    # A fake key in the environment: tests check that it is never written anywhere.
+    e.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+             WANDB_API_KEY="sk-test-not-a-real-key" + "0" * 18)
     for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(v, None)
     return e
@@ -102,3 +104,46 @@ def weights(export_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(export_dir / "model.safetensors"))
+
+
+def start(overrides: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
+    """Launch the trainer in the background (output to a pipe)."""
+    return subprocess.Popen(cmd(overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Block until metrics.jsonl records ``step`` (returns the last step seen)."""
+    import time
+
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        if path.is_file():
+            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """pid of the torchrun worker with RANK=rank."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for c in children:
+        environ = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(c)
+    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
+
+
+def model_states(ckpt_dir: Path) -> dict:
+    """Module weights of a ZeRO-0/1/2 checkpoint, loaded as safely as the trainer loads them."""
+    import torch
+
+    from train.checkpoint import _deepspeed_safe_globals
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=True)["module"]
