@@ -108,6 +108,16 @@ def test_padding_and_forced_blocks():
     assert ((big[..., 1:] > big[..., :-1]) | ~valid[..., 1:]).all()
 
 
+def test_batch_shorter_than_one_block():
+    """B = 2 rows of T = 6 < l: no compressed block; the one causal block 0, then -1 padding."""
+    q = torch.randn(2, 6, 4, 16, device=DEVICE)
+    k = torch.zeros(2, 0, 2, 16, device=DEVICE)
+    kw = dict(block_len=8, stride=4, select_len=8, num_select=3, num_init=1, num_local=1)
+    got = nsa.select_blocks(q, k, backend="triton", **kw)
+    assert torch.equal(got, nsa.select_blocks(q, k, backend="torch", **kw))
+    assert (got[..., 0] == 0).all() and (got[..., 1:] == -1).all()
+
+
 @pytest.mark.parametrize("case", ["G2_many_blocks", "G1_varlen_short_doc"])
 def test_exact_ties_match_bitwise(case):
     """q = 0: every visible compressed block has the same probability, so interior selection
