@@ -79,6 +79,7 @@ def teardown_distributed(launch: str) -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _reset_deepspeed_groups()
     if launch == "single":
         for v in TORCHRUN_VARS:
             os.environ.pop(v, None)
@@ -105,6 +106,30 @@ class SkippableAdamW:
                 return super().step(closure)
 
         return _AdamW(*args, **kwargs)
+
+
+def _reset_deepspeed_groups() -> None:
+    """Forget the process groups DeepSpeed caches in module globals.
+
+    Hydra's basic launcher runs the jobs of ``-m attention=nsa,full`` one after another in
+    this process; without this the second job's engine would use the destroyed groups.
+    """
+    import sys
+
+    from torch.distributed import ProcessGroup
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.isupper():
+                if isinstance(value, dict):
+                    setattr(groups, name, {})
+                elif isinstance(value, ProcessGroup):
+                    setattr(groups, name, None)
+        groups.mpu = None
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

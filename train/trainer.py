@@ -340,6 +340,7 @@ class Trainer:
         val_every, log_every = int(c.train.val_every), int(c.logging.log_every)
         it = iter(self.loader)
         self.engine.train()
+        self._write_status("running")
         while self.step < max_steps:
             t0 = time.perf_counter()
             r = self.train_step(it)
@@ -359,6 +360,9 @@ class Trainer:
             if r["stop"]:
                 self.log(f"stop requested by signal at step {self.step}: saving a checkpoint and exiting")
                 self.save()
+                self._write_status("preempted")
+                if self.stop.requested:
+                    self.stop.chain()  # e.g. submitit's requeue, now that the checkpoint is safe
                 return 0
             if (every and self.step % every == 0) or (self.step == max_steps and c.checkpoint.save_at_end):
                 self.save()
@@ -368,8 +372,17 @@ class Trainer:
             out = export(self.engine, self.run_dir / "export", self.model_cfg, self.attn_cfg, self.tokenizer_file,
                          self.stage, self.rank)
             self.log(f"exported {out}")
+        self._write_status("finished")
         self.log(f"done: {self.step} steps, {self.tokens_seen} tokens, {self.skipped} skipped")
         return 0
+
+    def _write_status(self, state: str) -> None:
+        """<run_dir>/status.json: "finished" or "preempted" (launch/slurm.sbatch requeues on the latter)."""
+        if self.rank == 0:
+            from train.checkpoint import write_text_atomic
+
+            write_text_atomic(self.run_dir / "status.json",
+                              json.dumps({"state": state, "step": self.step, "tokens_seen": self.tokens_seen}) + "\n")
 
     def close(self) -> None:
         self.stop.uninstall()

@@ -194,3 +194,19 @@ def test_kill9_one_rank_then_resume_is_exact(dataset, tmp_path):
     assert max(losses(run)) < steps
     train(ov, nproc=2)
     _same_run(tmp_path / "runs" / "ref2", run, range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_multirun_nsa_and_full_share_data_order(dataset, tmp_path):
+    """``-m attention=nsa,full``: two runs in one process, same seed and batches, one wandb group."""
+    ov = [o for o in base_overrides(dataset, tmp_path) if not o.startswith("run_name=")]
+    train(["-m", *ov, "name=cmp", "attention=nsa,full", "train.max_steps=3", "train.val_every=0",
+           "logging.wandb.enabled=true"])
+    runs = {k: tmp_path / "runs" / f"cmp-{k}" for k in ("nsa", "full")}
+    tok = {k: [r["train/tokens"] for r in metrics(v)] for k, v in runs.items()}
+    assert tok["nsa"] == tok["full"] and len(tok["nsa"]) == 3
+    for kind, run in runs.items():
+        meta = next((run / "wandb").glob("offline-run-*"))
+        assert meta.is_dir()
+        cfg = (run / "config.yaml").read_text()
+        assert f"kind: {kind}" in cfg and "name: cmp" in cfg
