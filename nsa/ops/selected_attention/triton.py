@@ -433,7 +433,7 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
             dv.view(B, T, Hkv, Dv).to(v.dtype))
 
 
-@torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
+@torch.library.custom_op("nsa::selected_attention", mutates_args=())
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor], select_len: int, scale: float,
@@ -447,7 +447,7 @@ def _(q, k, v, block_indices, cu_seqlens, select_len, scale):
     return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
 
 
-@torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
+@torch.library.custom_op("nsa::selected_attention_backward", mutates_args=())
 def _bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     block_indices: torch.Tensor, cu_seqlens: Optional[torch.Tensor], select_len: int, scale: float,

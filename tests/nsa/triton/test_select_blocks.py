@@ -126,6 +126,15 @@ def test_exact_ties_match_bitwise(case):
     assert torch.equal(got, ref)
 
 
+def test_custom_op_registration():
+    """The op passes torch.library.opcheck (schema, fake kernel, no autograd needed)."""
+    import nsa.ops.select_blocks.triton  # noqa: F401  (registers the op)
+
+    q = torch.randn(1, 13, 2, 16, device=DEVICE)
+    k = torch.randn(1, 2, 1, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.nsa.select_blocks.default, (q, k, None, None, 8, 4, 8, 2, 1, 1, 0.25))
+
+
 def test_compile_fullgraph():
     """torch.compile traces the custom op without graph breaks."""
     from nsa.ops.select_blocks.triton import select_blocks

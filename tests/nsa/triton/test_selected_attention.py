@@ -133,6 +133,15 @@ def test_dkdv_deterministic(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_custom_op_registration():
+    """The forward op passes torch.library.opcheck (schema, fake kernel, autograd)."""
+    import nsa.ops.selected_attention.triton  # noqa: F401  (registers the ops)
+
+    (q, k, v), _ = make([13], 2, 1, 16, 16, torch.float32, seed=12)
+    idx = random_selection([13], 1, 2, 8, seed=13)
+    torch.library.opcheck(torch.ops.nsa.selected_attention.default, (q, k, v, idx, None, 8, 0.25))
+
+
 def test_compile_fullgraph():
     """torch.compile traces the custom op (forward and backward) without graph breaks."""
     from nsa.ops.selected_attention.triton import selected_attention
