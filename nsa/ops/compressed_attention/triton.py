@@ -12,8 +12,11 @@ fills the MMA whatever ``G`` is (1 ... 16 and above) and each K/V tile is loaded
 for all heads of the group. Every loop runs only over the key (or query) tiles that
 the band reaches; tiles fully inside the band skip the mask.
 
-Backward is split (no atomics): one kernel per query tile computes ``dq``, one per key
-tile loops over the query rows that see it and computes ``dk, dv``.
+A head dim that is not a power of two is read as two column tiles (Dk = 192 as 128 + 64)
+rather than padded. Backward is split (no atomics): one kernel per query tile computes
+``dq``; one per key tile loops over the query rows that see it and computes ``dk, dv``,
+with those rows cut over several programs when they are many (the compressed branch),
+whose float32 partial sums are then added in a fixed order (deterministic).
 """
 
 import contextlib
@@ -48,7 +51,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # benchmarks all of them instead. dkv tiles are (BLOCK_M query rows, BLOCK_N keys).
 _FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)]
-_DKV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)]
+_DKV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 64, 8, 2), _cfg(32, 128, 8, 2)]
 _INTERP_CONFIG = _cfg(32, 16, 4, 1)
 _KEY = ["G", "DK", "DV", "PREC", "BLOCK_LEN", "STRIDE"]  # compressed and window tune apart
 
