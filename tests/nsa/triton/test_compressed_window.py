@@ -207,6 +207,40 @@ def test_dkv_row_split(branch, monkeypatch):
     check(*run_both(*fns, [q, k, v], cot), TOL[torch.float32])
 
 
+def _check_last_rows(T, H, Hkv, Dk, Dv, dtype, l=32, d=16, w=64, n_last=4):
+    """Forward of both branches on ``T`` tokens; the last ``n_last`` queries against a direct
+    float32 softmax (cheap at any ``T``: only their rows are recomputed)."""
+    G, Tc = H // Hkv, _num_cmp(T, l, d)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(1, T, H, Dk, device=DEVICE, dtype=dtype, generator=g)
+    k = torch.randn(1, T, Hkv, Dk, device=DEVICE, dtype=dtype, generator=g)
+    v = torch.randn(1, T, Hkv, Dv, device=DEVICE, dtype=dtype, generator=g)
+    kc, vc = k[:, :Tc], v[:, :Tc]  # any values serve as compressed keys
+    o_cmp, _ = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, backend="triton")
+    o_win = nsa.sliding_window_attention(q, k, v, window=w, backend="triton")
+    for t in range(T - n_last, T):
+        qt = q[0, t].float() * Dk**-0.5  # [H, Dk]
+        for o, keys, vals in ((o_cmp, kc[0, : (t - l + 1) // d + 1], vc[0, : (t - l + 1) // d + 1]),
+                              (o_win, k[0, t - w + 1 : t + 1], v[0, t - w + 1 : t + 1])):
+            kk, vv = keys.float().repeat_interleave(G, 1), vals.float().repeat_interleave(G, 1)
+            p = torch.softmax(torch.einsum("hd,shd->hs", qt, kk), -1)
+            assert rel(o[0, t], torch.einsum("hs,shd->hd", p, vv)) < TOL[dtype]
+
+
+def test_last_rows_small():
+    _check_last_rows(101, 4, 2, 24, 16, torch.float32, l=8, d=4, w=9)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs about 10 GB of GPU memory")
+def test_int64_addressing_on_gpu():
+    """q has more than 2**31 elements (T = 2**17 + 3, H = 64, Dk = 256): offsets need int64."""
+    T, H, Dk = 2**17 + 3, 64, 256
+    assert T * H * Dk > 2**31
+    _check_last_rows(T, H, 4, Dk, 128, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
