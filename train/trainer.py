@@ -5,7 +5,7 @@ collectives; per-step decisions that must agree (skip a non-finite step, stop on
 signal) come from one all-reduce at the end of each step.
 
 Exit codes of ``python -m train``: 0 finished or preempted (checkpoint saved),
-2 invalid config, 3 checkpoint save failed (``checkpoint.on_save_error=stop``),
+2 invalid config or input data, 3 checkpoint save failed (``checkpoint.on_save_error=stop``),
 4 too many consecutive non-finite steps, 5 unusable checkpoint on resume.
 """
 
@@ -228,7 +228,8 @@ class Trainer:
         return (loss - out.aux_loss).detach().float(), int((labels != -100).sum()), out.stats
 
     def _stage0_grad_norm(self) -> float:
-        """ZeRO-0 has no overflow check: norm of the (all-reduced) grads; drop them if non-finite."""
+        """fp32 ZeRO-0 has no overflow check: norm of the (all-reduced) grads; skip the update if
+        non-finite. (bf16 ZeRO-0 runs DeepSpeed's bf16 optimizer wrapper, which checks itself.)"""
         norms = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
         gn = float(torch.stack(norms).norm()) if norms else 0.0
         if not math.isfinite(gn):
@@ -252,7 +253,7 @@ class Trainer:
             loss, n_tok, stats = self._micro_batch(next(it), step)
             loss_sum += loss.cpu().double()
             tokens += n_tok
-            if micro == ga - 1 and self.stage == 0:
+            if micro == ga - 1 and self.stage == 0 and self.cfg.train.precision == "fp32":
                 gn = self._stage0_grad_norm()
             self.engine.step()
         if gn is None:
@@ -417,6 +418,8 @@ def run(cfg) -> int:
         code = _report(rank, e, 4)
     except CheckpointError as e:
         code = _report(rank, e, 5)
+    except ValueError as e:  # bad input found while building the run (data, tokenizer, shards)
+        code = _report(rank, e, 2)
     finally:
         if trainer is not None:
             trainer.close()

@@ -117,3 +117,15 @@ def test_schedules():
     assert wsd[109] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_at(20, name="linear", **kw)
+
+
+def test_foreign_shard_is_a_clear_error(dataset, tmp_path):
+    """A shard that is not in data.shards' format: exit 2, the file named, no traceback."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "train-00000.bin").write_bytes(b"PK\x03\x04 this is a zip, not a token shard" * 10)
+    p = train(base_overrides(data, tmp_path), check=False, timeout=120)
+    assert p.returncode == 2, p.stdout[-3000:]
+    assert "train-00000.bin" in p.stdout and "Traceback" not in p.stdout
