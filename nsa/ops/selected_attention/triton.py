@@ -1,10 +1,13 @@
 """Group-centric Triton kernels for the NSA selected branch (NSA_SPEC, "Kernel design").
 
 Forward and dq: the grid runs over (query position ``t``, KV head). A program loads
-the queries of the whole group ``[G, Dk]`` (rows padded to a power of two >= 16 for
-``tl.dot``) once, then loops over the ``n`` selected blocks of ``t``, loading each K/V
-block once for all ``G`` heads, with an online softmax (forward) or the recomputed
-probabilities ``exp(s - lse)`` (dq).
+the queries of the whole group ``[G, Dk]`` once, then loops over the ``n`` selected
+blocks of ``t``, loading each K/V block once for all ``G`` heads, with an online softmax
+(forward) or the recomputed probabilities ``exp(s - lse)`` (dq). ``tl.dot`` needs >= 16
+rows, so for ``G < 16`` a program packs ``P = 16 / G`` consecutive positions of one
+document and loops over the union of their selections (sorted, repeats skipped); rows
+that did not select a block are masked. Neighbouring queries share most blocks (at least
+the forced ones), so this loads fewer K/V blocks than one program per position.
 
 dk/dv, deterministic without atomics: an inverted index built in torch lists, for each
 (KV head, selection block), the queries that selected it in ascending ``t``. A
@@ -44,53 +47,86 @@ def _store_split(X, row_off, ok, a1, a2, D: tl.constexpr, D1: tl.constexpr, D2: 
 
 
 @triton.jit
-def _block_of(sel, slot, i, t_rel, SEL: tl.constexpr):
-    """The ``i``-th selected block ``j`` and whether to use it: valid, causal, not a repeat."""
-    j = tl.sum(tl.where(slot == i, sel, 0))
-    first = tl.sum(((sel == j) & (slot < i)).to(tl.int32)) == 0  # repeated indices count once
-    return j, (j >= 0) & (j * SEL <= t_rel) & first
+def _query_tile(TILES, CU, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr):
+    """Program -> ``P`` consecutive positions of one document x the ``G`` heads of one KV head.
+
+    Rows are (position, head) pairs, ``P * GP`` of them (>= 16 for ``tl.dot``): packing
+    positions fills the MMA rows that a small group would leave empty.
+    """
+    pid = tl.program_id(0)
+    hkv = tl.program_id(1).to(tl.int64)
+    doc = tl.load(TILES + pid * 3)
+    t0 = tl.load(TILES + pid * 3 + 1).to(tl.int64)
+    t_end = tl.load(TILES + pid * 3 + 2).to(tl.int64)
+    d0 = tl.load(CU + doc).to(tl.int64)
+    rows = tl.arange(0, P * GP)
+    r_t = t0 + rows // GP
+    r_g = rows % GP
+    return hkv, t0, t_end, d0, r_t, hkv * G + r_g, (r_t < t_end) & (r_g < G)
 
 
 @triton.jit
-def _query_group(DOC0, G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program -> (query t, KV head, document start, t inside its document, head rows, row mask)."""
-    t = tl.program_id(0).to(tl.int64)
-    hkv = tl.program_id(1).to(tl.int64)
-    d0 = tl.load(DOC0 + t).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    return t, hkv, d0, t - d0, hkv * G + rows, rows < G
+def _union_blocks(IDX, stride_it, stride_ih, hkv, t0, t_end, d0, NSEL: tl.constexpr, NP: tl.constexpr,
+                  P: tl.constexpr, SEL: tl.constexpr):
+    """Selections ``[P, NP]`` of the tile's positions (unusable -> 2**30: -1, or a block after
+    the query) and their union as a sorted flat list ``[P * NP]`` with its length."""
+    pt = t0 + tl.arange(0, P)
+    slot = tl.arange(0, NP)
+    ok = (pt < t_end)[:, None] & (slot < NSEL)[None, :]
+    sel = tl.load(IDX + pt[:, None] * stride_it + hkv * stride_ih + slot[None, :], mask=ok, other=-1)
+    sel = sel.to(tl.int64)
+    sel = tl.where((sel >= 0) & (sel * SEL <= (pt - d0)[:, None]), sel, 1 << 30)
+    flat = tl.sort(tl.reshape(sel, [P * NP]))
+    return sel, flat, tl.sum((flat < (1 << 30)).to(tl.int32))
+
+
+@triton.jit
+def _union_step(sel, flat, i, GP: tl.constexpr, P: tl.constexpr, NP: tl.constexpr):
+    """``i``-th entry of the union: block ``j``, whether it is not a repeat of entry ``i - 1``,
+    and which rows selected it ``[P * GP]`` (repeated indices in a row count once)."""
+    pos = tl.arange(0, P * NP)
+    j = tl.max(tl.where(pos == i, flat, -1))
+    prev = tl.max(tl.where(pos == i - 1, flat, -1))
+    member = tl.max((sel == j).to(tl.int32), 1) > 0
+    rows = tl.reshape(tl.broadcast_to(member[:, None], [P, GP]), [P * GP])
+    return j, j != prev, rows
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, IDX, O, LSE, DOC0,
+    Q, K, V, IDX, O, LSE, TILES, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_it, stride_ih, stride_ot, stride_oh, stride_lt, stride_lh,
     scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr,
-    DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
-    SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    DK1: tl.constexpr, DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr,
+    NP: tl.constexpr, SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    t, hkv, d0, t_rel, heads, r_ok = _query_group(DOC0, G, BLOCK_M)
+    hkv, t0, t_end, d0, r_t, heads, r_ok = _query_tile(TILES, CU, G, GP, P)
+    if t0 >= t_end:
+        return
+    BLOCK_M: tl.constexpr = P * GP
+    r_rel = r_t - d0
+    t_last = tl.minimum(t0 + P, t_end) - 1 - d0
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q1, q2 = load_split(Q, t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
+    q1, q2 = load_split(Q, r_t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    slot = tl.arange(0, NP)
-    sel = tl.load(IDX + t * stride_it + hkv * stride_ih + slot, mask=slot < NSEL, other=-1).to(tl.int64)
-    for i in range(NSEL):
-        j, use = _block_of(sel, slot, i, t_rel, SEL)
-        if use:
+    sel, flat, n_union = _union_blocks(IDX, stride_it, stride_ih, hkv, t0, t_end, d0, NSEL, NP, P, SEL)
+    for i in range(n_union):
+        j, new, member = _union_step(sel, flat, i, GP, P, NP)
+        if new:
             for b in range(0, SEL, BLOCK_N):
                 s_rel = j * SEL + b + offs_n
-                kv_ok = (s_rel <= t_rel) & (b + offs_n < SEL)
+                kv_ok = (s_rel <= t_last) & (b + offs_n < SEL)
                 tok = d0 + s_rel
                 k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
                 v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
                 s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
-                s = tl.where(kv_ok[None, :], s, float("-inf"))
+                ok = member[:, None] & kv_ok[None, :] & (s_rel[None, :] <= r_rel[:, None])
+                s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(s - m_safe[:, None])
@@ -100,51 +136,56 @@ def _fwd_kernel(
                 m_i = m_new
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(O + t * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + (r_t * stride_ot + heads * stride_oh)[:, None] + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(LSE + t * stride_lt + heads * stride_lh, lse, mask=r_ok)
+    tl.store(LSE + r_t * stride_lt + heads * stride_lh, lse, mask=r_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ, DOC0,
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, TILES, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_it, stride_ih,
     stride_dot, stride_doh, stride_lt, stride_lh, stride_dqt, stride_dqh,
     scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr,
-    DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
-    SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    DK1: tl.constexpr, DK2: tl.constexpr, DK2B: tl.constexpr, BLOCK_DV: tl.constexpr, NSEL: tl.constexpr,
+    NP: tl.constexpr, SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    t, hkv, d0, t_rel, heads, r_ok = _query_group(DOC0, G, BLOCK_M)
+    hkv, t0, t_end, d0, r_t, heads, r_ok = _query_tile(TILES, CU, G, GP, P)
+    if t0 >= t_end:
+        return
+    BLOCK_M: tl.constexpr = P * GP
+    r_rel = r_t - d0
+    t_last = tl.minimum(t0 + P, t_end) - 1 - d0
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q1, q2 = load_split(Q, t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
-    do = load_rows(DO, t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
-    lse = tl.load(LSE + t * stride_lt + heads * stride_lh, mask=r_ok, other=float("inf"))
-    delta = tl.load(DELTA + t * stride_lt + heads * stride_lh, mask=r_ok, other=0.0)
+    q1, q2 = load_split(Q, r_t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
+    do = load_rows(DO, r_t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
+    lse = tl.load(LSE + r_t * stride_lt + heads * stride_lh, mask=r_ok, other=float("inf"))
+    delta = tl.load(DELTA + r_t * stride_lt + heads * stride_lh, mask=r_ok, other=0.0)
     dq1 = tl.zeros([BLOCK_M, DK1], tl.float32)
     dq2 = tl.zeros([BLOCK_M, DK2B], tl.float32)
-    slot = tl.arange(0, NP)
-    sel = tl.load(IDX + t * stride_it + hkv * stride_ih + slot, mask=slot < NSEL, other=-1).to(tl.int64)
-    for i in range(NSEL):
-        j, use = _block_of(sel, slot, i, t_rel, SEL)
-        if use:
+    sel, flat, n_union = _union_blocks(IDX, stride_it, stride_ih, hkv, t0, t_end, d0, NSEL, NP, P, SEL)
+    for i in range(n_union):
+        j, new, member = _union_step(sel, flat, i, GP, P, NP)
+        if new:
             for b in range(0, SEL, BLOCK_N):
                 s_rel = j * SEL + b + offs_n
-                kv_ok = (s_rel <= t_rel) & (b + offs_n < SEL)
+                kv_ok = (s_rel <= t_last) & (b + offs_n < SEL)
                 tok = d0 + s_rel
                 k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
                 v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
                 s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
-                p = tl.where(kv_ok[None, :] & r_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+                ok = member[:, None] & kv_ok[None, :] & (s_rel[None, :] <= r_rel[:, None]) & r_ok[:, None]
+                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
                 ds = ds.to(k1.dtype)
                 dq1 += tl.dot(ds, k1, input_precision=PREC)
                 if DK2 > 0:
                     dq2 += tl.dot(ds, k2, input_precision=PREC)
-    _store_split(DQ, t * stride_dqt + heads * stride_dqh, r_ok, dq1 * scale, dq2 * scale, DK, DK1, DK2)
+    _store_split(DQ, r_t * stride_dqt + heads * stride_dqh, r_ok, dq1 * scale, dq2 * scale, DK, DK1, DK2)
 
 
 @triton.jit
@@ -280,6 +321,14 @@ def _flat(q, k, v, block_indices, cu_seqlens):
     return qf, kf, vf, idx, cu, doc0
 
 
+def _query_tiles(G: int, cu: torch.Tensor, total: int):
+    """Query tiles of the forward / dq grid: ``P`` positions x ``GP`` head rows = 16 rows
+    when ``G < 16`` (query packing), one position otherwise. Returns (tiles, constants)."""
+    GP = triton.next_power_of_2(G)
+    P = max(1, 16 // GP)
+    return doc_tiles(cu, total, P), {"G": G, "GP": GP, "P": P}
+
+
 def _cast_in(*ts):
     """Interpreter: compute bfloat16 in float32 (triton issue 11584)."""
     if is_interpreter():
@@ -296,18 +345,19 @@ def _fwd_impl(q, k, v, block_indices, cu_seqlens, select_len, scale):
     if B * T == 0:
         return o, lse
     qc, kc, vc = _cast_in(q, k, v)
-    qf, kf, vf, idx, _, doc0 = _flat(qc, kc, vc, block_indices.to(torch.int32), cu_seqlens)
+    qf, kf, vf, idx, cu, _ = _flat(qc, kc, vc, block_indices.to(torch.int32), cu_seqlens)
+    tiles, tile_consts = _query_tiles(G, cu, B * T)
     same = qc.dtype == q.dtype
     of = o.view(B * T, H, Dv) if same else torch.empty(B * T, H, Dv, dtype=qc.dtype, device=q.device)
     lf = lse.view(B * T, H)
     block_n = min(64, _pow2(select_len))
-    _fwd_kernel[(B * T, Hkv)](
-        qf, kf, vf, idx, of, lf, doc0,
+    _fwd_kernel[(tiles.shape[0], Hkv)](
+        qf, kf, vf, idx, of, lf, tiles, cu,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         idx.stride(0), idx.stride(1), of.stride(0), of.stride(1), lf.stride(0), lf.stride(1),
         scale,
-        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=_pow2(Dv),
-        NSEL=idx.shape[-1], NP=triton.next_power_of_2(idx.shape[-1]), SEL=select_len, BLOCK_N=block_n, PREC=dot_precision(qf.dtype),
+        **tile_consts, DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=_pow2(Dv), NSEL=idx.shape[-1],
+        NP=triton.next_power_of_2(idx.shape[-1]), SEL=select_len, BLOCK_N=block_n, PREC=dot_precision(qf.dtype),
         **_launch_cfg(Dk, Dv),
     )
     if not same:
@@ -390,14 +440,15 @@ def _bwd_impl(do, q, k, v, o, lse, block_indices, cu_seqlens, select_len, scale)
     nsel = idx.shape[-1]
 
     dq = torch.empty(B * T, H, Dk, dtype=qf.dtype, device=q.device)
-    _bwd_dq_kernel[(B * T, Hkv)](
-        qf, kf, vf, idx, dof, lf, delta, dq, doc0,
+    tiles, tile_consts = _query_tiles(G, cu, B * T)
+    _bwd_dq_kernel[(tiles.shape[0], Hkv)](
+        qf, kf, vf, idx, dof, lf, delta, dq, tiles, cu,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         idx.stride(0), idx.stride(1), dof.stride(0), dof.stride(1), lf.stride(0), lf.stride(1),
         dq.stride(0), dq.stride(1),
         scale,
-        G=G, BLOCK_M=_pow2(G), DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=bdv, NSEL=nsel, NP=triton.next_power_of_2(nsel), SEL=select_len,
-        BLOCK_N=min(64, _pow2(select_len)), PREC=prec, **cfg,
+        **tile_consts, DK=Dk, DV=Dv, **_dk_split(Dk), BLOCK_DV=bdv, NSEL=nsel, NP=triton.next_power_of_2(nsel),
+        SEL=select_len, BLOCK_N=min(64, _pow2(select_len)), PREC=prec, **cfg,
     )
 
     GP = triton.next_power_of_2(G)
