@@ -1,0 +1,185 @@
+"""NSA (all three branches) vs full causal attention: time and peak memory, side by side.
+
+    python -m bench.attention --device cpu [--seqlens 4096 8192 16384 32768] [--repeats 1]
+                              [--threads N] [--out outputs/bench/attention_cpu.json]
+
+Shapes: B = 1, H = 16, Hkv = 2, D = 64, float32 on CPU; NSA with the paper's blocks
+(l=32, d=16, l'=64, n=16, w=512). Per sequence length it measures
+
+* ``nsa``: the whole NSA op through the public API (torch backend on CPU): compressed K/V
+  by mean-pooling each block (the benchmark stand-in for the compression MLP), compressed
+  attention, ``select_blocks`` from its ``lse``, selected and sliding-window attention,
+  summed (gates are elementwise and left out);
+* ``sdpa``: ``scaled_dot_product_attention(is_causal=True)`` with K/V repeated to H heads;
+
+forward (with autograd recording, as in training) and forward+backward (``out.sum()``),
+reporting the best of ``--repeats`` wall times, the process CPU time, and the peak memory
+(rise of the resident set during the call, see ``bench.common.measure``). Each method and
+length runs in a fresh subprocess, so one method's freed memory cannot hide the other's.
+Inputs are random, so the selection is spread over the whole context (no locality). The
+JSON is rewritten after each length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import best_of, fmt, print_table, write_json
+
+SHAPE = dict(heads=16, kv_heads=2, head_dim=64)
+NSA_BLOCKS = dict(block_len=32, stride=16, select_len=64, num_select=16, window=512)
+
+
+def nsa_forward(q, k, v, block_len, stride, select_len, num_select, window):
+    """The whole NSA attention on ``q [B,T,H,D]``, ``k, v [B,T,Hkv,D]`` -> ``[B,T,H,D]``."""
+    import nsa
+
+    k_cmp = k.unfold(1, block_len, stride).mean(-1)  # [B, Nc, Hkv, D]: mean of each block
+    v_cmp = v.unfold(1, block_len, stride).mean(-1)
+    blk = dict(block_len=block_len, stride=stride)
+    o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, **blk)
+    idx = nsa.select_blocks(q, k_cmp, **blk, select_len=select_len, num_select=num_select, lse=lse)
+    o_slc = nsa.selected_attention(q, k, v, idx, select_len=select_len)
+    o_win = nsa.sliding_window_attention(q, k, v, window=window)
+    return o_cmp + o_slc + o_win
+
+
+def sdpa_forward(q, k, v):
+    """Full causal attention through SDPA (K/V repeated to all heads)."""
+    G = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+
+def run_case(method: str, T: int, repeats: int, device: str, seed: int = 0) -> dict:
+    """Measure one method at one length in this process."""
+    g = torch.Generator().manual_seed(seed)
+    H, Hkv, D = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
+    q, k, v = (torch.randn(1, T, h, D, generator=g).to(device).requires_grad_(True) for h in (H, Hkv, Hkv))
+    fwd = (lambda: nsa_forward(q, k, v, **NSA_BLOCKS)) if method == "nsa" else (lambda: sdpa_forward(q, k, v))
+
+    def fwd_bwd():
+        for x in (q, k, v):
+            x.grad = None
+        fwd().sum().backward()
+
+    return {
+        "method": method,
+        "seqlen": T,
+        "fwd": best_of(fwd, repeats, device),
+        "fwd_bwd": best_of(fwd_bwd, repeats, device),
+    }
+
+
+def run_in_subprocess(method: str, T: int, args) -> dict:
+    cmd = [sys.executable, "-m", "bench.attention", "--child", method, "--seqlens", str(T)]
+    cmd += ["--repeats", str(args.repeats), "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"method": method, "seqlen": T, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(lines[-1])
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or a == 0 else b / a
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per length: NSA and SDPA side by side with ``sdpa / nsa`` ratios."""
+    rows = []
+    for T in sorted({r["seqlen"] for r in results}):
+        by = {r["method"]: r for r in results if r["seqlen"] == T and "error" not in r}
+        if set(by) != {"nsa", "sdpa"}:
+            continue
+        row = {"seqlen": T}
+        for phase in ("fwd", "fwd_bwd"):
+            n, s = by["nsa"][phase], by["sdpa"][phase]
+            for key in ("wall_s", "cpu_s", "peak_mb"):
+                row[f"{phase}_{key}_nsa"], row[f"{phase}_{key}_sdpa"] = n[key], s[key]
+                row[f"{phase}_{key}_ratio"] = _ratio(n[key], s[key])
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[dict], title: str) -> None:
+    """Two tables: times (wall, with the CPU-time ratio) and peak memory."""
+    phases = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
+    cols = ["T"]
+    for _, name in phases:
+        cols += [f"{name} NSA s", f"{name} SDPA s", f"{name} speedup", f"{name} CPU-time speedup"]
+    table = []
+    for r in rows:
+        cells = [r["seqlen"]]
+        for p, _ in phases:
+            cells += [fmt(r[f"{p}_wall_s_nsa"]), fmt(r[f"{p}_wall_s_sdpa"])]
+            cells += [fmt(r[f"{p}_wall_s_ratio"]) + "x", fmt(r[f"{p}_cpu_s_ratio"]) + "x"]
+        table.append(cells)
+    print_table(title + ": time (speedup = SDPA / NSA)", cols, table)
+    cols = ["T"]
+    for _, name in phases:
+        cols += [f"{name} NSA MB", f"{name} SDPA MB", f"{name} SDPA / NSA"]
+    table = []
+    for r in rows:
+        cells = [r["seqlen"]]
+        for p, _ in phases:
+            cells += [fmt(r[f"{p}_peak_mb_nsa"], ".0f"), fmt(r[f"{p}_peak_mb_sdpa"], ".0f")]
+            cells += [fmt(r[f"{p}_peak_mb_ratio"]) + "x"]
+        table.append(cells)
+    print_table(title + ": peak memory (RSS rise during the call)", cols, table)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--repeats", type=int, default=1, help="runs per measurement; the best is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="JSON path (default outputs/bench/attention_<device>.json)")
+    p.add_argument("--child", choices=["nsa", "sdpa"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if any(T < NSA_BLOCKS["block_len"] for T in args.seqlens):
+        p.error(f"--seqlens must be >= block_len ({NSA_BLOCKS['block_len']})")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:  # one measurement, printed as a JSON line for the parent
+        print(json.dumps(run_case(args.child, args.seqlens[0], args.repeats, args.device)))
+        return 0
+    out = Path(args.out or f"outputs/bench/attention_{torch.device(args.device).type}.json")
+    results = []
+    for T in args.seqlens:
+        for method in ("nsa", "sdpa"):
+            r = run_in_subprocess(method, T, args)
+            if "error" in r:
+                print(f"T={T} {method}: failed\n{r['error']}", file=sys.stderr)
+            results.append(r)
+        rows = summarize(results)
+        payload = {"shape": SHAPE, "nsa": NSA_BLOCKS, "device": args.device, "repeats": args.repeats}
+        write_json(out, {**payload, "summary": rows, "results": results})
+    title = (
+        f"NSA (torch reference) vs SDPA causal, H={SHAPE['heads']} Hkv={SHAPE['kv_heads']} D={SHAPE['head_dim']}, "
+        f"{args.device}, {torch.get_num_threads()} thread(s), best of {args.repeats}"
+    )
+    print_summary(summarize(results), title)
+    print(f"wrote {out}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
