@@ -142,7 +142,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_engine(cfg, model, ds_config: dict):
-    """AdamW + ``deepspeed.initialize``; the engine's checkpoint reads are made pickle-safe."""
+    """AdamW + ``deepspeed.initialize``; the engine's checkpoint reads are made pickle-safe.
+
+    ``train.compile`` compiles each transformer block with ``torch.compile`` before the
+    engine wraps the model (DeepSpeed's ``engine.compile()`` returned a loss without
+    ``grad_fn`` for this model in 0.19.8).
+    """
     import deepspeed
 
     from train.checkpoint import make_engine_loads_safe
@@ -150,10 +155,12 @@ def build_engine(cfg, model, ds_config: dict):
     o = cfg.optim
     opt = SkippableAdamW(param_groups(model, float(o.weight_decay)), lr=float(o.lr),
                             betas=(float(o.beta1), float(o.beta2)), eps=float(o.eps))
+    if cfg.train.compile:
+        # Per block, in place (nn.Module.compile): state-dict keys, checkpoints and exports stay the same.
+        for block in getattr(model, "layers", []):
+            block.compile()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     make_engine_loads_safe(engine)
-    if cfg.train.compile:
-        engine.compile()
     return engine
 
 

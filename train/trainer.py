@@ -114,7 +114,9 @@ class Trainer:
         self.lr_at = schedule_from_config(cfg)
         self.stop = StopRequest().install()
 
-        if cfg.train.deterministic:
+        if cfg.train.deterministic:  # CPU runs are deterministic anyway; this pins cuBLAS/cuDNN choices
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(cfg.seed))
         self.data_dir = prepare_data(cfg, rank, self.log)
