@@ -93,6 +93,23 @@ def _union_step(sel, flat, i, GP: tl.constexpr, P: tl.constexpr, NP: tl.constexp
 
 
 @triton.jit
+def _block_scores(q1, q2, K, V, j, b, d0, hkv, member, r_rel, t_last, stride_kt, stride_kh, stride_vt,
+                  stride_vh, scale, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, SEL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Sub-block ``b`` of selected block ``j``: K tiles, V, scaled scores ``[M, BLOCK_N]`` and
+    the mask of (row, key) pairs that count (row selected ``j``, key causal for the row)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    s_rel = j * SEL + b + offs_n
+    kv_ok = (s_rel <= t_last) & (b + offs_n < SEL)
+    tok = d0 + s_rel
+    k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
+    v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, tl.arange(0, BLOCK_DV), DV)
+    s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
+    ok = member[:, None] & kv_ok[None, :] & (s_rel[None, :] <= r_rel[:, None])
+    return k1, k2, v, s, ok
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, IDX, O, LSE, TILES, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -109,7 +126,6 @@ def _fwd_kernel(
     r_rel = r_t - d0
     t_last = tl.minimum(t0 + P, t_end) - 1 - d0
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     q1, q2 = load_split(Q, r_t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -119,13 +135,9 @@ def _fwd_kernel(
         j, new, member = _union_step(sel, flat, i, GP, P, NP)
         if new:
             for b in range(0, SEL, BLOCK_N):
-                s_rel = j * SEL + b + offs_n
-                kv_ok = (s_rel <= t_last) & (b + offs_n < SEL)
-                tok = d0 + s_rel
-                k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
-                v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
-                s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
-                ok = member[:, None] & kv_ok[None, :] & (s_rel[None, :] <= r_rel[:, None])
+                k1, k2, v, s, ok = _block_scores(q1, q2, K, V, j, b, d0, hkv, member, r_rel, t_last, stride_kt,
+                                                 stride_kh, stride_vt, stride_vh, scale, DK, DK1, DK2, DV,
+                                                 BLOCK_DV, SEL, BLOCK_N, PREC)
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -159,7 +171,6 @@ def _bwd_dq_kernel(
     r_rel = r_t - d0
     t_last = tl.minimum(t0 + P, t_end) - 1 - d0
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     q1, q2 = load_split(Q, r_t * stride_qt + heads * stride_qh, r_ok, DK, DK1, DK2)
     do = load_rows(DO, r_t * stride_dot + heads * stride_doh, r_ok, offs_dv, DV)
     lse = tl.load(LSE + r_t * stride_lt + heads * stride_lh, mask=r_ok, other=float("inf"))
@@ -171,14 +182,10 @@ def _bwd_dq_kernel(
         j, new, member = _union_step(sel, flat, i, GP, P, NP)
         if new:
             for b in range(0, SEL, BLOCK_N):
-                s_rel = j * SEL + b + offs_n
-                kv_ok = (s_rel <= t_last) & (b + offs_n < SEL)
-                tok = d0 + s_rel
-                k1, k2 = load_split(K, tok * stride_kt + hkv * stride_kh, kv_ok, DK, DK1, DK2)
-                v = load_rows(V, tok * stride_vt + hkv * stride_vh, kv_ok, offs_dv, DV)
-                s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
-                ok = member[:, None] & kv_ok[None, :] & (s_rel[None, :] <= r_rel[:, None]) & r_ok[:, None]
-                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                k1, k2, v, s, ok = _block_scores(q1, q2, K, V, j, b, d0, hkv, member, r_rel, t_last, stride_kt,
+                                                 stride_kh, stride_vt, stride_vh, scale, DK, DK1, DK2, DV,
+                                                 BLOCK_DV, SEL, BLOCK_N, PREC)
+                p = tl.where(ok & r_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
                 ds = ds.to(k1.dtype)
