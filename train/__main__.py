@@ -30,7 +30,9 @@ def main() -> None:
         return code
 
     _app()
-    sys.exit(max(codes) if codes else 1)
+    # No codes: the jobs ran in other processes (submitit launcher), which report on their own
+    # (each run's status.json; a job that raised is re-raised here by the launcher).
+    sys.exit(max(codes) if codes else 0)
 
 
 if __name__ == "__main__":
