@@ -21,6 +21,7 @@ from train.checkpoint import (
     _fsync_dir,
     config_hash,
     find_resumable,
+    list_checkpoints,
     model_config_diff,
     prune,
     read_rank_state,
@@ -117,6 +118,7 @@ def choose(root: Path, resume: str, verify_mode: str, rank: int, log=print) -> P
 
     ``resume=auto``: newest complete checkpoint, falling back past corrupt ones.
     ``resume=<dir>``: that one, verified; a corrupt one is an error naming the file.
+    ``resume=none``: a fresh start, refused if the run already has checkpoints.
     """
     result = None
     if rank == 0:
@@ -128,6 +130,11 @@ def choose(root: Path, resume: str, verify_mode: str, rank: int, log=print) -> P
             elif resume != "none":
                 verify(Path(resume), verify_mode)
                 result = str(resume)
+            elif list_checkpoints(Path(root)):
+                # A fresh run among old checkpoints: a later resume=auto would pick the old ones up.
+                raise CheckpointError(f"resume=none but {root} already holds checkpoints (newest "
+                                      f"{list_checkpoints(Path(root))[0].name}); use resume=auto, another "
+                                      "run_name, or remove that directory")
         except CheckpointError as e:
             result = e
     result = _broadcast(result)

@@ -96,3 +96,26 @@ def test_deepspeed_loads_refuse_arbitrary_pickles(tmp_path):
     torch.save({"module": {}, "payload": argparse.Namespace(cmd="rm -rf /")}, evil)
     with pytest.raises(CheckpointError, match=r"evil\.pt: cannot be loaded safely"):
         engine.checkpoint_engine.load(str(evil))
+
+
+def test_choose_refuses_fresh_start_over_old_checkpoints(tmp_path, monkeypatch):
+    """resume=none among old checkpoints is refused (a later resume=auto would pick them up)."""
+    import torch.distributed as dist
+
+    from tests.train.helpers import free_port
+    from train import checkpointer
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo")
+    try:
+        assert checkpointer.choose(tmp_path, "none", "sha256", 0) is None
+        good = fake_checkpoint(tmp_path, 4)
+        with pytest.raises(CheckpointError, match="resume=none but .* step_00000004"):
+            checkpointer.choose(tmp_path, "none", "sha256", 0)
+        assert checkpointer.choose(tmp_path, "auto", "sha256", 0) == good
+        (good / "model.pt").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=r"model\.pt: size 0 bytes"):
+            checkpointer.choose(tmp_path, str(good), "sha256", 0)
+    finally:
+        dist.destroy_process_group()
