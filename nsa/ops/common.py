@@ -84,7 +84,7 @@ def chunk_ranges(total: int, chunk: int):
     return ((s, min(s + chunk, total)) for s in range(0, total, chunk))
 
 
-SCORE_BUDGET = 1 << 19  # elements of one chunk's score block: 512K floats = 2 MB, cache-sized
+SCORE_BUDGET = 1 << 20  # elements of one chunk's score block: 1M floats = 4 MB, about cache-sized
 
 
 def chunk_size(rows_per_query: int, keys: int, budget: int | None = None, multiple: int = 1) -> int:
