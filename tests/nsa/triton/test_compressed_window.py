@@ -241,6 +241,46 @@ def test_int64_addressing_on_gpu():
     _check_last_rows(T, H, 4, Dk, 128, torch.bfloat16)
 
 
+_SM90_BUILD = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+import nsa.ops.compressed_attention.triton as kernels
+
+meta = dict(G=16, DK=192, DV=128, BLOCK_DA=128, BLOCK_DB=64, SPLIT=True, BLOCK_DV=128, PREC="tf32")
+bf, f32, i32 = "*bf16", "*fp32", "*i32"
+args = {"fwd": [bf] * 4 + [f32, i32, i32, "fp32"] + ["i32"] * 12,
+        "dq": [bf] * 4 + [f32, f32, bf, i32, i32, "fp32", "fp32"] + ["i32"] * 14,
+        "dkv": [bf] * 4 + [f32] * 4 + [i32, i32, "fp32", "fp32"] + ["i32"] * 19}
+for kind, types in args.items():
+    fn, cfg = kernels._KERNELS[kind], kernels._default_config(kind, meta)
+    consts = {**meta, **cfg.kwargs}
+    it = iter(types)
+    sig = {name: "constexpr" if name in consts else next(it) for name in fn.arg_names}
+    assert next(it, None) is None, kind + ": more types than arguments"
+    out = compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    assert out.asm["cubin"], kind
+print("built")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The kernels build for Hopper (sm_90, ptxas from the triton wheel) at the paper's head
+    dims with their default tiles: catches GPU-only compile errors on a machine without one.
+    Runs in a subprocess, since this session's kernels may be the interpreter's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _SM90_BUILD], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert res.returncode == 0 and "built" in res.stdout, res.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
