@@ -347,12 +347,6 @@ def masked_scores(qs, kh, q0, q1, k0, k1, mask_fn):
     return s
 
 
-def chunk_probs(qs, kh, q0, q1, k0, k1, mask_fn, lse):
-    """Probabilities ``exp(s - lse)`` ``[B, Hkv, C, G, S]`` of pre-scaled queries ``[q0, q1)`` over
-    keys ``[k0, k1)``, given their ``lse [B, Hkv, C, G]`` (``-inf`` rows give 0)."""
-    return masked_scores(qs, kh, q0, q1, k0, k1, mask_fn).sub_(neg_inf_safe(lse)[..., None]).exp_()
-
-
 def chunked_attention(q, k, v, scale: float, plan, mask_fn):
     """Functional form of :class:`ChunkedAttention`; returns ``(o, lse)``."""
     return ChunkedAttention.apply(q, k, v, scale, plan, mask_fn)

@@ -11,12 +11,13 @@ pairs ("lanes") that share one block, ``R*G ~ 64`` query rows. A tile is one sma
 matmul ``[R*G, Dk] @ [Dk, l']`` with the block's keys gathered once for the whole tile, and
 only the tiles holding a query's own (diagonal) block need a causal mask.
 
-Softmax across a query's blocks, in one pass: each lane keeps its own max ``m`` and
-``sum exp(s - m)``, the query's ``lse`` is combined from its lanes with ``scatter_reduce``
-(max) and ``index_add_``, and the lane outputs, weighted by ``exp(m - lse)``, are summed into
-the query rows with ``index_add_``. A custom autograd function keeps only ``o``, ``lse`` and
-the tile plans; backward recomputes the tiles and scatters ``dq``/``dk``/``dv`` with
-``index_add_`` (``dk``/``dv`` once per tile, not per lane).
+Softmax across a query's blocks, in two passes over each chunk's tiles (processed in
+cache-sized batches): pass 1 takes every lane's log-sum-exp and combines them into the
+query's ``lse`` (``scatter_reduce`` max, ``index_add_`` of the exponentials); pass 2
+recomputes the scores, forms ``p = exp(s - lse)`` and adds ``p @ V`` into the query rows
+with ``index_add_``. A custom autograd function keeps only ``o``, ``lse`` and the tile
+plans; backward recomputes the tiles and scatters ``dq``/``dk``/``dv`` with ``index_add_``
+(``dk``/``dv`` once per tile, not per lane).
 """
 
 from __future__ import annotations
