@@ -11,36 +11,16 @@
 #   6 eval-niah   python -m eval task=niah checkpoint=outputs/runs/demo-{nsa,full}   (small passkey grid)
 #   7 compare     python -m eval.compare outputs/runs/demo-nsa outputs/runs/demo-full --out outputs/demo
 #
-# A stage is skipped when its outputs exist and a stamp records the same command and inputs
-# (configs, upstream outputs), so a second `make demo` redoes nothing; `rm -r outputs/demo/.stamps`
-# forces a rerun (training itself resumes from its checkpoints). On a CUDA machine the same
+# A stage is skipped when its outputs exist and its stamp (outputs/demo/.stamps/) records the same
+# command and input fingerprint, so a second `make demo` redoes nothing; `rm -r outputs/demo/.stamps`
+# forces a rerun (training then resumes from its final checkpoint). On a CUDA machine the same
 # command trains there in bf16 (device=auto; attention.backend=null picks the Triton kernels).
-# Environment: PYTHON (interpreter, default .venv/bin/python), DEMO_OVERRIDES (extra
+# Environment: PYTHON (interpreter, default .venv/bin/python); DEMO_OVERRIDES (extra
 # `python -m train` overrides for both runs, e.g. "train.max_steps=20" for a smoke test).
+# Sourced (`source launch/demo.sh`), it only defines the stage helpers (launch/compare_small.sh).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
-NAME=demo
-OUT=outputs/demo
-STAMPS=$OUT/.stamps
-TIMES=$OUT/stage_times.tsv
-RUNS=(nsa full)
-read -r -a EXTRA <<<"${DEMO_OVERRIDES:-}"
-mkdir -p "$STAMPS"
-export PYTHONUNBUFFERED=1 WANDB_SILENT=true HYDRA_FULL_ERROR=1
 
-T_START=$(date +%s)
-CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
-if [[ $CUDA == 1 ]]; then
-    DEVICE_DESC="CUDA: $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
-    TRAIN_DEVICE=(train.precision=bf16)
-else
-    DEVICE_DESC="CPU: $(nproc) cores"
-    TRAIN_DEVICE=()
-fi
-echo "== make demo on $DEVICE_DESC; outputs in $OUT (stage times in $TIMES)"
-
-# fingerprint FILE...: sha256 over the named files' contents (missing files count as empty).
+# fingerprint FILE...: sha256 over the named files' contents (a missing file counts as empty).
 fingerprint() {
     local f
     for f in "$@"; do
@@ -49,28 +29,106 @@ fingerprint() {
     done | sha256sum | cut -c1-16
 }
 
-# stage NUM NAME "OUTPUT FILES" "INPUT FILES" -- COMMAND...: run COMMAND unless every output exists and
-# the stamp holds the same command + input fingerprint. Records the wall time of each stage run.
+# stage NUM NAME "OUTPUT PATHS" "INPUT FILES" -- COMMAND...: run COMMAND unless every output exists
+# and the stamp $STAMPS/NAME holds the same command + input fingerprint; appends the stage's wall
+# seconds and CPU seconds (user+sys of its processes) to $TIMES. Needs STAMPS, TIMES, STAGES.
 stage() {
     local num=$1 name=$2 outputs=$3 inputs=$4
     shift 5
+    local key stamp=$STAMPS/$name done=1 f
     # shellcheck disable=SC2086  # inputs/outputs are space-separated path lists
-    local key="$* | $(fingerprint $inputs)"
-    local stamp=$STAMPS/$name done=1 f
+    key="$* | $(fingerprint $inputs)"
     for f in $outputs; do [[ -e $f ]] || done=0; done
     if [[ $done == 1 && -f $stamp && "$(cat "$stamp")" == "$key" ]]; then
-        echo "== [$num/7] $name: up to date, skipped"
+        echo "== [$num/$STAGES] $name: up to date, skipped"
         return
     fi
-    echo "== [$num/7] $name: $*"
-    local t0
+    echo "== [$num/$STAGES] $name: $*"
+    local t0 c0 c1
     t0=$(date +%s)
+    _child_cpu
+    c0=$CPU_NOW
     "$@"
+    _child_cpu
+    c1=$CPU_NOW
     local dt=$(( $(date +%s) - t0 ))
+    mkdir -p "$STAMPS"
     echo "$key" >"$stamp"
-    printf '%s\t%s\n' "$name" "$dt" >>"$TIMES"
-    echo "== [$num/7] $name: done in ${dt}s"
+    printf '%s\t%s\t%s\n' "$name" "$dt" "$(awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.1f", b-a}')" >>"$TIMES"
+    echo "== [$num/$STAGES] $name: done in ${dt}s"
 }
+
+# _child_cpu: sets CPU_NOW to the user+sys seconds of this shell's finished children (bash `times`,
+# second line). Called directly, not in $(...): a subshell's `times` counts only its own children.
+_child_cpu() {
+    local f=${TMPDIR:-/tmp}/nsa_stage_times.$$
+    times >"$f"
+    CPU_NOW=$(tail -n 1 "$f" | awk '{t=0; for (i=1; i<=2; i++) {split($i, p, "m"); t += p[1]*60 + p[2]} printf "%.1f", t}')
+    rm -f "$f"
+}
+
+# stage_times_table FILE: the last recorded run of each stage as a markdown table.
+stage_times_table() {
+    echo "| stage | wall s | CPU s (user+sys) |"
+    echo "|---|---|---|"
+    awk -F'\t' '{w[$1]=$2; c[$1]=$3; if (!($1 in seen)) {seen[$1]=1; order[n++]=$1}}
+                END {for (i=0; i<n; i++) printf "| %s | %s | %s |\n", order[i], w[order[i]], c[order[i]]}' "$1"
+}
+
+# cpu_env: on a CPU, OpenMP workers sleep instead of spinning while they wait. With the default
+# spin policy a 2-thread torch slows down by 10-50x as soon as another process shares the cores.
+cpu_env() {
+    export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+}
+
+# run_setup NAME: PY, OUT=outputs/NAME, STAMPS, TIMES, T_START, DEVICE_DESC and TRAIN_DEVICE (bf16 on
+# a CUDA GPU, the config's fp32 on a CPU, where cpu_env is applied).
+run_setup() {
+    PY=${PYTHON:-.venv/bin/python}
+    OUT=outputs/$1
+    STAMPS=$OUT/.stamps
+    TIMES=$OUT/stage_times.tsv
+    T_START=$(date +%s)
+    mkdir -p "$STAMPS"
+    export PYTHONUNBUFFERED=1 WANDB_SILENT=true HYDRA_FULL_ERROR=1
+    if [[ $("$PY" -c 'import torch; print(int(torch.cuda.is_available()))') == 1 ]]; then
+        DEVICE_DESC="CUDA: $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
+        TRAIN_DEVICE=(train.precision=bf16)
+    else
+        DEVICE_DESC="CPU: $(nproc) cores"
+        TRAIN_DEVICE=()
+        cpu_env
+    fi
+}
+
+# eval_and_compare NAME: stages eval-ppl-*, eval-niah-* (PPL_ARGS, NIAH_ARGS) for each of RUNS, then
+# compare into $OUT/report.md; numbered from $num on.
+eval_and_compare() {
+    local name=$1 task a run evals=""
+    local -a args
+    for task in ppl niah; do
+        if [[ $task == ppl ]]; then args=("${PPL_ARGS[@]}"); else args=("${NIAH_ARGS[@]}"); fi
+        for a in "${RUNS[@]}"; do
+            run=outputs/runs/$name-$a
+            stage $num "eval-$task-$a" "outputs/eval/$name-$a/$task/results.json" "$run/export/model.safetensors" -- \
+                "$PY" -m eval "${args[@]}" checkpoint="$run" progress=false wandb.enabled=true
+            evals+=" outputs/eval/$name-$a/$task/results.json"
+        done
+        num=$((num + 1))
+    done
+    stage $num compare "$OUT/report.md" "$evals" -- \
+        "$PY" -m eval.compare "outputs/runs/$name-${RUNS[0]}" "outputs/runs/$name-${RUNS[1]}" --out "$OUT"
+}
+
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+NAME=demo
+STAGES=7
+RUNS=(nsa full)
+read -r -a EXTRA <<<"${DEMO_OVERRIDES:-}"
+run_setup $NAME
+echo "== make demo on $DEVICE_DESC; outputs in $OUT (stage times in $TIMES)"
 
 DATA_ARGS=(data=pystdlib tokenizer=bpe4096)
 TOK=outputs/tokenizers/bpe4096.model
@@ -91,38 +149,23 @@ for a in "${RUNS[@]}"; do
 done
 
 # Evaluation: perplexity by position at 1x and 2x the training length (plain RoPE beyond 2k), and
-# a passkey grid at 512..2048 tokens. Small on purpose: the demo model is ~1.3M parameters.
+# a passkey grid at 512..2048 tokens. Small on purpose: the demo model has ~1.3M parameters.
 PPL_ARGS=(task=ppl "ppl.lengths=[2048,4096]" ppl.max_windows=8 ppl.num_buckets=16)
 NIAH_ARGS=(task=niah niah.needle=passkey "niah.context_lengths=[512,1024,2048]"
            "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=1 niah.max_new_tokens=8)
-for task in ppl niah; do
-    if [[ $task == ppl ]]; then args=("${PPL_ARGS[@]}"); else args=("${NIAH_ARGS[@]}"); fi
-    for a in "${RUNS[@]}"; do
-        run=outputs/runs/$NAME-$a
-        stage $num "eval-$task-$a" "outputs/eval/$NAME-$a/$task/results.json" "$run/export/model.safetensors" -- \
-            "$PY" -m eval "${args[@]}" checkpoint="$run" progress=false wandb.enabled=true
-    done
-    num=$((num + 1))
-done
+eval_and_compare $NAME
 
-EVALS=""
-for a in "${RUNS[@]}"; do EVALS+=" outputs/eval/$NAME-$a/ppl/results.json outputs/eval/$NAME-$a/niah/results.json"; done
-stage 7 compare "$OUT/report.md" "$EVALS" -- \
-    "$PY" -m eval.compare "outputs/runs/$NAME-nsa" "outputs/runs/$NAME-full" --out "$OUT"
-
-# Footer: how the report was made (device, commit, the stage times of the runs that did the work).
+# Footer: how the report was made (device, commit, stage times of the invocations that did the work).
 if ! grep -q '^## How this report was made' "$OUT/report.md"; then
     {
         echo
         echo "## How this report was made"
         echo
         echo "\`make demo\` (launch/demo.sh) on $DEVICE_DESC, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
-        echo "Both runs: \`python -m train experiment=demo attention=nsa|full\` (same seed, data order and steps);"
-        echo "offline wandb runs of group \`demo\` under \`outputs/runs/demo-*/wandb/\`."
+        echo "Both runs: \`python -m train experiment=demo attention=nsa|full\` (same seed, data order and steps),"
+        echo "offline wandb runs of group \`demo\` under \`outputs/runs/demo-*/wandb/\`. Stage times:"
         echo
-        echo "| stage | seconds |"
-        echo "|---|---|"
-        awk -F'\t' '{printf "| %s | %s |\n", $1, $2}' "$TIMES"
+        stage_times_table "$TIMES"
     } >>"$OUT/report.md"
 fi
 echo "== make demo finished in $(( $(date +%s) - T_START ))s (this invocation)"

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# NSA vs full attention, the longer CPU experiment (about an hour on 2 cores):
+#
+#   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
+#   2 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
+#                 python -m train experiment=compare_small attention=full  } (same seed, data order, steps)
+#   3 eval-ppl    python -m eval task=ppl  checkpoint=outputs/runs/compare_small-{nsa,full}  (1x, 2x, 4x length)
+#   4 eval-niah   python -m eval task=niah checkpoint=...  (passkey at 1x, 2x, 4x the 1024-token training length)
+#   5 compare     python -m eval.compare ... --out outputs/compare_small
+#
+# Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
+# concurrently so that they reach the same step at about the same time; the NSA run prepares the
+# mixture's shards first (the full run starts once they exist). Logs: outputs/compare_small/*.log.
+# Environment: PYTHON, COMPARE_OVERRIDES (extra `python -m train` overrides for both runs).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=launch/demo.sh
+source launch/demo.sh
+NAME=compare_small
+STAGES=5
+RUNS=(nsa full)
+read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
+run_setup $NAME
+echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
+DATA=outputs/data/pystdlib_retrieval-bpe4096
+
+_any_alive() {
+    local p
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done
+    return 1
+}
+
+# train_both: both runs at once (one OpenMP thread each on a CPU); prints their steps every minute.
+train_both() {
+    local pids=() a rc=0 t=0
+    local threads=${COMPARE_THREADS:-1}
+    for a in "${RUNS[@]}"; do
+        OMP_NUM_THREADS=$threads "$PY" -m train experiment=$NAME attention="$a" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}" \
+            >"$OUT/train-$a.log" 2>&1 &
+        pids+=($!)
+        # the first run tokenises the mixture; the second waits for its shards (or for its failure)
+        while [[ ! -f $DATA/meta.json ]] && kill -0 "${pids[0]}" 2>/dev/null; do sleep 1; done
+        [[ -f $DATA/meta.json ]] || break
+    done
+    while _any_alive "${pids[@]}"; do
+        sleep 1
+        t=$((t + 1))
+        if (( t % 60 == 0 )); then
+            local line="" m
+            for a in "${RUNS[@]}"; do
+                m=outputs/runs/$NAME-$a/metrics.jsonl
+                line+=" $a: step $(tail -n 1 "$m" 2>/dev/null | sed -n 's/^{"step": \([0-9]*\).*/\1/p')"
+            done
+            echo "   [$(date -u +%H:%M:%S)]$line"
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+    if (( rc != 0 )); then
+        echo "training failed (exit $rc): see $OUT/train-*.log" >&2
+        tail -n 20 "$OUT"/train-*.log >&2
+        return "$rc"
+    fi
+}
+
+stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
+    "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
+exports=""
+for a in "${RUNS[@]}"; do exports+=" outputs/runs/$NAME-$a/export/model.safetensors"; done
+stage 2 train "$exports" "configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml" -- train_both
+
+# 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
+PPL_ARGS=(task=ppl "ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)
+NIAH_ARGS=(task=niah niah.needle=passkey "niah.context_lengths=[1024,2048,4096]"
+           "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=2 niah.max_new_tokens=8)
+num=3
+eval_and_compare $NAME
+echo "== compare_small finished in $(( $(date +%s) - T_START ))s (this invocation); stage times:"
+stage_times_table "$TIMES"
+echo "== report: $(pwd)/$OUT/report.md"

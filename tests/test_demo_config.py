@@ -1,0 +1,163 @@
+"""`make demo` and the compare_small experiment: their configs compose and validate, and the
+launch scripts run the documented stages in order and skip finished ones (no training: the
+scripts run against a fake interpreter that only records its command lines and writes the
+outputs each stage is checked by)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("demo", "compare_small")
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from train.config import register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_validates_and_pairs_runs(experiment):
+    """Both attention kinds validate; they differ in nothing but the attention kind (and run name)."""
+    from omegaconf import OmegaConf
+
+    from data.sources import data_config_from_dict
+    from train.validate import validate
+
+    cfgs = {kind: compose([f"experiment={experiment}", f"attention={kind}"]) for kind in ("nsa", "full")}
+    plain = {}
+    for kind, cfg in cfgs.items():
+        validate(cfg, 1, "cpu")
+        data_config_from_dict(OmegaConf.to_container(cfg.data, resolve=True))  # the data package's own check
+        assert cfg.run_dir == f"outputs/runs/{experiment}-{kind}"
+        assert cfg.device == "auto" and cfg.attention.backend is None  # GPU + Triton when there is one
+        assert cfg.logging.wandb.mode == "offline" and (cfg.logging.wandb.group or cfg.name) == experiment
+        d = OmegaConf.to_container(cfg, resolve=True)
+        assert d.pop("attention")["kind"] == kind
+        d.pop("run_name"), d.pop("run_dir")
+        plain[kind] = d
+    assert plain["nsa"] == plain["full"]  # same model, data, seed, order, budget, schedule
+
+
+@pytest.mark.parametrize("experiment,max_fraction", [("demo", 0.3), ("compare_small", 0.4)])
+def test_nsa_is_really_sparse_at_the_training_length(experiment, max_fraction):
+    """A query at the last position reads well under the full context (Table 4 counting)."""
+    from nsa.cache import kv_tokens_read
+
+    cfg = compose([f"experiment={experiment}", "attention=nsa"])
+    a, T = cfg.attention, int(cfg.train.seq_len)
+    read = kv_tokens_read(T, block_len=a.block_len, stride=a.stride, select_len=a.select_len,
+                          num_select=a.num_select, window=a.window)["total"]
+    assert read <= max_fraction * T, f"{experiment}: NSA reads {read} of {T} keys"
+    assert a.window < T and a.num_select * a.select_len < T
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Records each call; writes the files the calling stage is checked by.
+echo "$*" >>"$FAKE_LOG"
+arg() { local k=$1; shift; for x in "$@"; do [[ $x == "$k="* ]] && echo "${x#*=}"; done; }
+if [[ $1 == -c ]]; then echo 0; exit 0; fi
+case "$2" in
+  data.tokenizer) mkdir -p outputs/tokenizers && touch outputs/tokenizers/bpe4096.model ;;
+  data.prepare) mkdir -p outputs/data/pystdlib-bpe4096 && touch outputs/data/pystdlib-bpe4096/meta.json ;;
+  train)
+    exp=$(arg experiment "$@"); att=$(arg attention "$@")
+    [[ $exp == compare_small ]] && mkdir -p outputs/data/pystdlib_retrieval-bpe4096 \
+        && touch outputs/data/pystdlib_retrieval-bpe4096/meta.json
+    mkdir -p "outputs/runs/$exp-$att/export" && date +%s%N >"outputs/runs/$exp-$att/export/model.safetensors" ;;
+  eval)
+    ck=$(arg checkpoint "$@"); task=$(arg task "$@")
+    mkdir -p "outputs/eval/${ck##*/}/$task" && date +%s%N >"outputs/eval/${ck##*/}/$task/results.json" ;;
+  eval.compare)
+    while [[ $# -gt 0 && $1 != --out ]]; do shift; done
+    mkdir -p "$2" && echo "# report" >"$2/report.md" ;;
+esac
+"""
+
+
+def _sandbox(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A copy of launch/ and configs/ (the scripts cd to their parent dir) and a fake interpreter."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "launch", root / "launch")
+    shutil.copytree(REPO / "configs", root / "configs")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), "DEMO_OVERRIDES": "", "COMPARE_OVERRIDES": ""}
+    return root, log, env
+
+
+def _run(root: Path, script: str, env: dict, log: Path) -> tuple[list[str], str]:
+    log.unlink(missing_ok=True)
+    p = subprocess.run(["bash", f"launch/{script}"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    calls = [c for c in log.read_text().splitlines() if not c.startswith("-c ")] if log.exists() else []
+    return calls, p.stdout
+
+
+def _documented_commands(script: Path) -> list[str]:
+    """The `python -m ...` commands listed in the script's header, one per documented stage line."""
+    return re.findall(r"^#\s+\d+ [\w-]+\s+(python -m [\w.]+[^\n(]*?)\s*(?:\(|\}|$)", script.read_text(), re.M)
+
+
+def test_scripts_parse():
+    for script in ("demo.sh", "compare_small.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+
+
+def test_demo_runs_the_documented_stages_once(tmp_path):
+    root, log, env = _sandbox(tmp_path)
+    calls, out = _run(root, "demo.sh", env, log)
+    modules = [c.split()[1] for c in calls]
+    assert modules == ["data.tokenizer", "data.prepare", "train", "train", "eval", "eval", "eval", "eval",
+                       "eval.compare"]
+    assert [c for c in calls if c.startswith("-m train")] == [
+        "-m train experiment=demo attention=nsa", "-m train experiment=demo attention=full"]
+    assert [re.search(r"task=(\w+)", c).group(1) + ":" + c.split("checkpoint=")[1].split()[0]
+            for c in calls if c.startswith("-m eval ")] == [
+        "ppl:outputs/runs/demo-nsa", "ppl:outputs/runs/demo-full",
+        "niah:outputs/runs/demo-nsa", "niah:outputs/runs/demo-full"]
+    documented = [" ".join(c.split()[:3]) for c in _documented_commands(root / "launch" / "demo.sh")]
+    assert documented == ["python -m data.tokenizer", "python -m data.prepare", "python -m train",
+                          "python -m train", "python -m eval", "python -m eval", "python -m eval.compare"]
+    assert out.rstrip().endswith(f"report: {root}/outputs/demo/report.md")
+    report = (root / "outputs/demo/report.md").read_text()
+    assert "## How this report was made" in report and "| train-nsa |" in report
+
+    calls, out = _run(root, "demo.sh", env, log)  # second run: everything up to date
+    assert calls == [] and out.count("up to date, skipped") == 9
+
+    cfg = root / "configs/experiment/demo.yaml"  # a changed experiment retrains, re-evaluates, re-compares
+    cfg.write_text(cfg.read_text() + "\n# changed\n")
+    calls, _ = _run(root, "demo.sh", env, log)
+    assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval", "eval", "eval.compare"]
+
+
+def test_compare_small_trains_both_then_evaluates(tmp_path):
+    root, log, env = _sandbox(tmp_path)
+    calls, out = _run(root, "compare_small.sh", env, log)
+    trains = sorted(c for c in calls if c.startswith("-m train"))
+    assert trains == ["-m train experiment=compare_small attention=full",
+                      "-m train experiment=compare_small attention=nsa"]
+    evals = [c for c in calls if c.startswith("-m eval ")]
+    assert len(evals) == 4 and all("checkpoint=outputs/runs/compare_small-" in c for c in evals)
+    assert calls[-1].startswith("-m eval.compare outputs/runs/compare_small-nsa outputs/runs/compare_small-full")
+    assert (root / "outputs/compare_small/report.md").is_file()
+    calls, _ = _run(root, "compare_small.sh", env, log)
+    assert calls == []
