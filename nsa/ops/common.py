@@ -294,20 +294,23 @@ class ChunkedAttention(torch.autograd.Function):
             o_c = (e.view(B, Hkv, -1, k1 - k0) @ vh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1)
             o[:, :, q0:q1] = o_c / torch.where(denom > 0, denom, 1.0)[..., None]
             lse[:, :, q0:q1] = m[..., 0] + torch.log(denom)
-        ctx.save_for_backward(q, k, v, o, lse)
+        out = from_groups(o).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)  # the returned o, not a second copy
         ctx.scale, ctx.plan, ctx.mask_fn = scale, plan, mask_fn
         ctx.set_materialize_grads(False)
-        lse_out = lse.permute(0, 2, 1, 3).reshape(B, T, Hkv * G)
-        return from_groups(o).to(q.dtype), lse_out
+        return out, lse.permute(0, 2, 1, 3).reshape(B, T, Hkv * G)
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        acc, Hkv, scale = o.dtype, k.shape[2], ctx.scale
+        q, k, v, out, lse = ctx.saved_tensors
+        acc, Hkv, scale = lse.dtype, k.shape[2], ctx.scale
         qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
         B, _, T, G, Dk = qs.shape
-        dog = to_groups(do, Hkv, acc) if do is not None else torch.zeros_like(o)
-        delta = (dog * o).sum(-1)  # [B, Hkv, T, G]; dS = P * (dP - delta + dlse)
+        if do is None:
+            dog, delta = qs.new_zeros(B, Hkv, T, G, v.shape[-1]), torch.zeros_like(lse)
+        else:  # dS = P * (dP - delta + dlse), delta = rowsum(dO * O)
+            dog = to_groups(do, Hkv, acc)
+            delta = to_groups((do.to(acc) * out.to(acc)).sum(-1, keepdim=True), Hkv, acc)[..., 0]
         if dlse is not None:
             delta -= to_groups(dlse[..., None], Hkv, acc)[..., 0]
         lse = neg_inf_safe(lse)

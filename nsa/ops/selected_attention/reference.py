@@ -151,23 +151,24 @@ class SelectedAttention(torch.autograd.Function):
                 p = s.view(-1, G, l).sub_(lse[batch[1]][..., None]).exp_().view(s.shape)
                 o.index_add_(0, batch[1], (p @ vb.index_select(0, batch[0])).view(-1, G, Dv))
             plans.append(plan)
-        o, lse = o[:-1], lse[:-1]
-        ctx.save_for_backward(q, k, v, o, lse)
+        out = from_groups(o[:-1].view(B, Hkv, T, G, Dv)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse[:-1])  # the returned o, not a second copy
         ctx.plans, ctx.select_len, ctx.scale, ctx.tb = plans, select_len, scale, tb
-        return from_groups(o.view(B, Hkv, T, G, Dv)).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        (B, T, Hkv, Dk), acc, l = k.shape, o.dtype, ctx.select_len
-        G, nsel = o.shape[1], num_select_blocks(T, l)
+        q, k, v, out, lse = ctx.saved_tensors
+        (B, T, Hkv, Dk), acc, l = k.shape, lse.dtype, ctx.select_len
+        G, nsel = lse.shape[1], num_select_blocks(T, l)
         R = max(1, ROWS_PER_TILE // G)
         qrows = _rows(q, Hkv, acc) * ctx.scale
         dorows = _rows(do, Hkv, acc)
         kb, vb = _blocks(k, l, acc), _blocks(v, l, acc)
         # spare row: lse = +inf makes padding lanes' probabilities exactly 0
         lse = F.pad(neg_inf_safe(lse), (0, 0, 0, 1), value=float("inf"))
-        delta = F.pad((dorows[:-1] * o).sum(-1), (0, 0, 0, 1))  # [BH*T + 1, G]
+        delta = to_groups((do.to(acc) * out.to(acc)).sum(-1, keepdim=True), Hkv, acc)  # rowsum(dO * O)
+        delta = F.pad(delta.reshape(-1, G), (0, 0, 0, 1))  # [BH*T + 1, G]
         dq, dkb, dvb = torch.zeros_like(qrows), torch.zeros_like(kb), torch.zeros_like(vb)
         for plan in ctx.plans:
             for batch in tile_batches(plan, R, ctx.tb):
