@@ -160,7 +160,7 @@ def _select_kernel(
     n_blocks = t_last // SEL + 1
     for j0 in range(0, n_blocks, BLOCK_J):
         jj = j0 + offs_j
-        score = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
+        rows_score = tl.zeros([M, BLOCK_J], tl.float32)  # per (position, head) row
         for o in tl.static_range(R + LU - 1):
             off = o - (LU - 1)
             # number of (m, u) pairs with m - u == off, m < R, u < LU: the overlap weight
@@ -171,9 +171,9 @@ def _select_kernel(
                                 DK, DK1, DK2)
             s = dot_nt(q1, q2, k1, k2, DK2, PREC) * scale
             vis = (ci[None, :] >= 0) & (ci[None, :] * STRIDE + LEN - 1 <= r_rel[:, None]) & r_ok[:, None]
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            p_grp = tl.sum(tl.reshape(p, [BLOCK_T, GP, BLOCK_J]), 1)
-            score += weight * p_grp
+            rows_score += weight * tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        # group sum once per tile (the same operation order for every block j, so exact ties stay ties)
+        score = tl.sum(tl.reshape(rows_score, [BLOCK_T, GP, BLOCK_J]), 1)
         causal = jj[None, :] <= jt[:, None]
         forced = (jj[None, :] < NUM_INIT) | (jj[None, :] > jt[:, None] - NUM_LOCAL)
         score = tl.where(forced, 1.0e30, score)
