@@ -36,9 +36,11 @@ def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
         return CheckpointInfo(path.resolve(), run_dir.resolve() if run_dir else None, name)
     if is_export_dir(path / "export"):
         return CheckpointInfo((path / "export").resolve(), path.resolve(), path.resolve().name)
+    export = path / "export" if (path / "export").is_dir() else path
+    missing = [f for f in EXPORT_FILES if not (export / f).is_file()]
     raise ValueError(
         f"checkpoint {str(path)!r} is neither an export dir (with {', '.join(EXPORT_FILES)}) "
-        "nor a run dir with an export/ subdirectory"
+        f"nor a run dir with an export/ subdirectory: {str(export)!r} lacks {', '.join(missing)}"
     )
 
 

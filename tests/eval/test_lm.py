@@ -54,3 +54,16 @@ def test_cut_at_stop_and_dtype_errors():
     with pytest.raises(ValueError, match="unknown dtype"):
         _dtype("float8")
     assert _dtype("bf16") is torch.bfloat16
+
+
+def test_checkpoint_without_tokenizer_is_refused(tiny_runs, tmp_path):
+    import shutil
+
+    from eval.lm import EvalLM
+
+    export = resolve_checkpoint(tiny_runs["full"]).export_dir
+    bare = tmp_path / "export"
+    shutil.copytree(export, bare)
+    (bare / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match="lacks tokenizer.model"):  # refused before any model is built
+        EvalLM.from_checkpoint(bare)
