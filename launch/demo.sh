@@ -163,7 +163,9 @@ if ! grep -q '^## How this report was made' "$OUT/report.md"; then
         echo
         echo "\`make demo\` (launch/demo.sh) on $DEVICE_DESC, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
         echo "Both runs: \`python -m train experiment=demo attention=nsa|full\` (same seed, data order and steps),"
-        echo "offline wandb runs of group \`demo\` under \`outputs/runs/demo-*/wandb/\`. Stage times:"
+        echo "offline wandb runs of group \`demo\` under \`outputs/runs/demo-*/wandb/\`. The demo models see"
+        echo "~0.6M tokens of code and no retrieval task, so a passkey score near 0 is expected here; the"
+        echo "experiment that trains retrieval is \`experiment=compare_small\` (docs/results/compare_small/). Stage times:"
         echo
         stage_times_table "$TIMES"
     } >>"$OUT/report.md"
