@@ -11,7 +11,8 @@
 # Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
 # concurrently so that they reach the same step at about the same time; the NSA run prepares the
 # mixture's shards first (the full run starts once they exist). Logs: outputs/compare_small/*.log.
-# Environment: PYTHON, COMPARE_OVERRIDES (extra `python -m train` overrides for both runs).
+# Environment: PYTHON, COMPARE_OVERRIDES (extra `python -m train` overrides for both runs),
+# COMPARE_THREADS (OpenMP threads per training run, default 1), COMPARE_PUBLISH (see the end).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/demo.sh
@@ -74,6 +75,17 @@ NIAH_ARGS=(task=niah niah.needle=passkey "niah.context_lengths=[1024,2048,4096]"
            "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=2 niah.max_new_tokens=8)
 num=3
 eval_and_compare $NAME
+# COMPARE_PUBLISH=DIR: copy the small results (report, figures, evaluation results, stage times,
+# the runs' resolved configs) to DIR, e.g. docs/results/compare_small, for committing.
+if [[ -n ${COMPARE_PUBLISH:-} ]]; then
+    mkdir -p "$COMPARE_PUBLISH"
+    cp "$OUT"/report.md "$OUT"/*.png "$TIMES" "$COMPARE_PUBLISH/"
+    for a in "${RUNS[@]}"; do
+        for task in ppl niah; do cp "outputs/eval/$NAME-$a/$task/results.json" "$COMPARE_PUBLISH/$a-$task.json"; done
+        cp "outputs/runs/$NAME-$a/config.yaml" "$COMPARE_PUBLISH/$a-config.yaml"
+    done
+    echo "== published to $COMPARE_PUBLISH"
+fi
 echo "== compare_small finished in $(( $(date +%s) - T_START ))s (this invocation); stage times:"
 stage_times_table "$TIMES"
 echo "== report: $(pwd)/$OUT/report.md"

@@ -79,13 +79,14 @@ case "$2" in
     exp=$(arg experiment "$@"); att=$(arg attention "$@")
     [[ $exp == compare_small ]] && mkdir -p outputs/data/pystdlib_retrieval-bpe4096 \
         && touch outputs/data/pystdlib_retrieval-bpe4096/meta.json
-    mkdir -p "outputs/runs/$exp-$att/export" && date +%s%N >"outputs/runs/$exp-$att/export/model.safetensors" ;;
+    mkdir -p "outputs/runs/$exp-$att/export" && date +%s%N >"outputs/runs/$exp-$att/export/model.safetensors"
+    echo "attention: $att" >"outputs/runs/$exp-$att/config.yaml" ;;
   eval)
     ck=$(arg checkpoint "$@"); task=$(arg task "$@")
     mkdir -p "outputs/eval/${ck##*/}/$task" && date +%s%N >"outputs/eval/${ck##*/}/$task/results.json" ;;
   eval.compare)
     while [[ $# -gt 0 && $1 != --out ]]; do shift; done
-    mkdir -p "$2" && echo "# report" >"$2/report.md" ;;
+    mkdir -p "$2" && echo "# report" >"$2/report.md" && touch "$2/val_loss.png" ;;
 esac
 """
 
@@ -159,5 +160,9 @@ def test_compare_small_trains_both_then_evaluates(tmp_path):
     assert len(evals) == 4 and all("checkpoint=outputs/runs/compare_small-" in c for c in evals)
     assert calls[-1].startswith("-m eval.compare outputs/runs/compare_small-nsa outputs/runs/compare_small-full")
     assert (root / "outputs/compare_small/report.md").is_file()
-    calls, _ = _run(root, "compare_small.sh", env, log)
-    assert calls == []
+    pub = tmp_path / "published"
+    calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_PUBLISH": str(pub)}, log)
+    assert calls == []  # all up to date; the results are only copied
+    assert sorted(p.name for p in pub.iterdir()) == [
+        "full-config.yaml", "full-niah.json", "full-ppl.json", "nsa-config.yaml", "nsa-niah.json", "nsa-ppl.json",
+        "report.md", "stage_times.tsv", "val_loss.png"]
