@@ -49,7 +49,7 @@ def main() -> None:
     panels = [("compressed (coarse, global)", cmp, "Blues"), ("selected top-n blocks (fine)", slc, "Oranges"),
               ("sliding window (local)", win, "Greens")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
-    for ax, (title, m, cmap) in zip(axes, panels):
+    for ax, (title, m, cmap) in zip(axes, panels, strict=True):
         shown = (m / m.amax(1, keepdim=True).clamp_min(1e-12)) ** 0.5  # per query, so late rows stay visible
         ax.imshow(shown.numpy(), cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(title)

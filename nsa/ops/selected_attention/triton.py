@@ -24,8 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.ops.select_blocks.triton import doc_tiles, dot_nt, load_rows, load_split, split_dim
-from nsa.ops.triton_utils import batch_cu_seqlens, dot_precision, is_interpreter
+from nsa.ops.triton_utils import (
+    batch_cu_seqlens,
+    doc_tiles,
+    dot_nt,
+    dot_precision,
+    is_interpreter,
+    load_rows,
+    load_split,
+    split_dim,
+)
 
 __all__ = ["selected_attention"]
 
