@@ -23,7 +23,7 @@ RUNS=(nsa full)
 read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
 echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
-DATA=outputs/data/pystdlib_retrieval-bpe4096
+DATA=outputs/data/pystdlib_passkey-bpe4096
 
 _any_alive() {
     local p
