@@ -136,15 +136,25 @@ def _scores(xa, xb, ya, yb, PREC: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
-              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db, offs_dv,
-              DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    """One key tile of the online softmax (log2 domain)."""
+def _load_kv_tile(K, V, k_base, v_base, stride_kt, stride_vt, start, k_len, offs_n, offs_da, offs_db, offs_dv,
+                  DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr):
+    """Key rows ``start + offs_n`` (K in one or two column tiles) and their values; rows past
+    ``k_len`` read as 0. Shared by the forward and dq tiles."""
     j = start + offs_n
     j_ok = j < k_len
     ka, kb = _load_cols(K + k_base + j.to(tl.int64) * stride_kt, j_ok, offs_da, offs_db, DK, SPLIT)
     v = tl.load(V + v_base + j.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :],
                 mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return j, ka, kb, v
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, qa, qb, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db, offs_dv,
+              DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """One key tile of the online softmax (log2 domain)."""
+    j, ka, kb, v = _load_kv_tile(K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+                                 offs_n, offs_da, offs_db, offs_dv, DK, DV, SPLIT)
     s = _scores(qa, qb, ka, kb, PREC, SPLIT) * scale_log2
     if MASK:
         s = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), s, float("-inf"))
@@ -245,11 +255,8 @@ def _load_rows(Q, DO, LSE, DELTA, rows, q_start, q_len, kvh, stride_qt, stride_q
 def _dq_tile(dqa, dqb, qa, qb, do, lse, delta, t, K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
              scale_log2, BLOCK_LEN, STRIDE, WINDOW, offs_n, offs_da, offs_db, offs_dv,
              DK: tl.constexpr, DV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    j = start + offs_n
-    j_ok = j < k_len
-    ka, kb = _load_cols(K + k_base + j.to(tl.int64) * stride_kt, j_ok, offs_da, offs_db, DK, SPLIT)
-    v = tl.load(V + v_base + j.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :],
-                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    j, ka, kb, v = _load_kv_tile(K, V, k_base, v_base, stride_kt, stride_vt, start, k_len,
+                                 offs_n, offs_da, offs_db, offs_dv, DK, DV, SPLIT)
     p = tl.exp2(_scores(qa, qb, ka, kb, PREC, SPLIT) * scale_log2 - lse[:, None])
     if MASK:
         p = tl.where(_visible(t, j, k_len, BLOCK_LEN, STRIDE, WINDOW), p, 0.0)
