@@ -6,10 +6,11 @@
 Shapes: B = 1, H = 16, Hkv = 2, D = 64, float32 on CPU; NSA with the paper's blocks
 (l=32, d=16, l'=64, n=16, w=512). Per sequence length it measures
 
-* ``nsa``: the whole NSA op through the public API (torch backend on CPU): compressed K/V
-  by mean-pooling each block (the benchmark stand-in for the compression MLP), compressed
-  attention, ``select_blocks`` from its ``lse``, selected and sliding-window attention,
-  summed (gates are elementwise and left out);
+* ``nsa``: the whole NSA op through the public API (torch backend on CPU), as the layer
+  calls it: compressed K/V by mean-pooling each block (the benchmark stand-in for the
+  compression MLP), compressed attention and block selection in one pass
+  (``compressed_attention_and_select``), selected and sliding-window attention, summed
+  (gates are elementwise and left out);
 * ``sdpa``: ``scaled_dot_product_attention(is_causal=True)`` with K/V repeated to H heads;
 
 forward (with autograd recording, as in training) and forward+backward (``out.sum()``),
@@ -43,8 +44,8 @@ def nsa_forward(q, k, v, block_len, stride, select_len, num_select, window):
     k_cmp = k.unfold(1, block_len, stride).mean(-1)  # [B, Nc, Hkv, D]: mean of each block
     v_cmp = v.unfold(1, block_len, stride).mean(-1)
     blk = dict(block_len=block_len, stride=stride)
-    o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, **blk)
-    idx = nsa.select_blocks(q, k_cmp, **blk, select_len=select_len, num_select=num_select, lse=lse)
+    o_cmp, _, idx = nsa.compressed_attention_and_select(q, k_cmp, v_cmp, **blk, select_len=select_len,
+                                                        num_select=num_select)
     o_slc = nsa.selected_attention(q, k, v, idx, select_len=select_len)
     o_win = nsa.sliding_window_attention(q, k, v, window=window)
     return o_cmp + o_slc + o_win

@@ -12,6 +12,9 @@ already resolved to a float.
     o      = selected_attention(q, k, v, idx, select_len=)
     o      = sliding_window_attention(q, k, v, window=)
     cu_cmp = compressed_cu_seqlens(cu_seqlens, block_len, stride)
+
+    o, lse, idx = compressed_attention_and_select(q, k_cmp, v_cmp, block_len=, stride=, select_len=,
+                                                  num_select=)   # the first two in one pass
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "compressed_cu_seqlens",
+    "compressed_attention_and_select",
 ]
 
 
@@ -167,3 +171,48 @@ def sliding_window_attention(
     _c.check_cu_seqlens(cu_seqlens, q)
     fn = _c.backend_fn("sliding_window_attention", _c.resolve_backend(backend, q))
     return fn(q, k, v, window=window, scale=_c.resolve_scale(scale, q.shape[-1]), cu_seqlens=cu_seqlens)
+
+
+def compressed_attention_and_select(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    *,
+    block_len: int,
+    stride: int,
+    select_len: int,
+    num_select: int,
+    num_init: int = 1,
+    num_local: int = 2,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`compressed_attention` followed by :func:`select_blocks` (from its ``lse``), fused
+    where the backend can: the torch backend selects from the attention's own softmax in the
+    same pass over ``q . k_cmp``, so the compressed scores are computed once, not twice.
+
+    Returns ``(o [B,T,H,Dv], lse [B,T,H], idx [B,T,Hkv,num_select] int32)``, the same as the
+    two calls (the probabilities are rounded differently, so blocks whose scores tie to the
+    last bit may differ, as they may between backends). Only ``o`` and ``lse`` carry gradients.
+    """
+    _c.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    _c.check_block_params(block_len, stride, select_len)
+    _c.check_selection_params(num_select, num_init, num_local)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+    fn = _c.backend_fn("select_blocks", _c.resolve_backend(backend, q), "compressed_attention_and_select")
+    return fn(
+        q,
+        k_cmp,
+        v_cmp,
+        block_len=block_len,
+        stride=stride,
+        select_len=select_len,
+        num_select=num_select,
+        num_init=num_init,
+        num_local=num_local,
+        scale=_c.resolve_scale(scale, q.shape[-1]),
+        cu_seqlens=cu_seqlens,
+    )

@@ -195,10 +195,9 @@ class NSAAttention(nn.Module):
         be = cfg.backend
         blk = dict(block_len=cfg.block_len, stride=cfg.stride)
         k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
-        o_cmp, lse = nsa.compressed_attention(q, k_cmp, v_cmp, **blk, cu_seqlens=cu_seqlens, backend=be)
-        idx = nsa.select_blocks(q, k_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
-                                num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens,
-                                backend=be, lse=lse)
+        o_cmp, _, idx = nsa.compressed_attention_and_select(
+            q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select, num_init=cfg.num_init,
+            num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
         o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
                                        backend=be)
         o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens, backend=be)

@@ -29,10 +29,10 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     return backend
 
 
-def backend_fn(op: str, backend: str):
-    """The function ``nsa.ops.<op>.<reference|triton>.<op>``, imported lazily."""
+def backend_fn(op: str, backend: str, name: str | None = None):
+    """The function ``nsa.ops.<op>.<reference|triton>.<name or op>``, imported lazily."""
     module = importlib.import_module(f"nsa.ops.{op}.{_BACKEND_MODULE[backend]}")
-    return getattr(module, op)
+    return getattr(module, name or op)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -276,10 +276,14 @@ class ChunkedAttention(torch.autograd.Function):
 
     Shapes: ``q [B,T,H,Dk]``, ``k [B,S,Hkv,Dk]``, ``v [B,S,Hkv,Dv]`` ->
     ``o [B,T,H,Dv]`` (input dtype), ``lse [B,T,H]`` (float32, float64 for float64 input).
+
+    ``on_probs(q0, q1, k0, k1, p)``, if given, receives each chunk's softmax probabilities
+    ``p [B, Hkv, C, G, k1-k0]`` (0 on hidden keys) during the forward, so that a consumer
+    such as block selection can reuse them instead of recomputing the scores.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, plan, mask_fn):
+    def forward(ctx, q, k, v, scale, plan, mask_fn, on_probs=None):
         acc, Hkv = acc_dtype(q.dtype), k.shape[2]
         qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
         B, _, T, G, _ = qs.shape
@@ -292,8 +296,11 @@ class ChunkedAttention(torch.autograd.Function):
             e = e.sub_(m).exp_()
             denom = e.sum(-1)  # 0 exactly when no key is visible
             o_c = (e.view(B, Hkv, -1, k1 - k0) @ vh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1)
-            o[:, :, q0:q1] = o_c / torch.where(denom > 0, denom, 1.0)[..., None]
+            denom_safe = torch.where(denom > 0, denom, 1.0)[..., None]
+            o[:, :, q0:q1] = o_c / denom_safe
             lse[:, :, q0:q1] = m[..., 0] + torch.log(denom)
+            if on_probs is not None:
+                on_probs(q0, q1, k0, k1, e.div_(denom_safe))
         out = from_groups(o).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)  # the returned o, not a second copy
         ctx.scale, ctx.plan, ctx.mask_fn = scale, plan, mask_fn
@@ -326,7 +333,7 @@ class ChunkedAttention(torch.autograd.Function):
             dq[:, :, q0:q1] = (ds @ kh[:, :, k0:k1]).view(B, Hkv, C, G, Dk)
             dk[:, :, k0:k1] += ds.transpose(-1, -2) @ qs[:, :, q0:q1].reshape(B, Hkv, C * G, Dk)
         dk, dv = dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
-        return from_groups(dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return from_groups(dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def masked_scores(qs, kh, q0, q1, k0, k1, mask_fn):
@@ -350,9 +357,9 @@ def masked_scores(qs, kh, q0, q1, k0, k1, mask_fn):
     return s
 
 
-def chunked_attention(q, k, v, scale: float, plan, mask_fn):
+def chunked_attention(q, k, v, scale: float, plan, mask_fn, on_probs=None):
     """Functional form of :class:`ChunkedAttention`; returns ``(o, lse)``."""
-    return ChunkedAttention.apply(q, k, v, scale, plan, mask_fn)
+    return ChunkedAttention.apply(q, k, v, scale, plan, mask_fn, on_probs)
 
 
 def per_document(fn, cu_seqlens, *packed, cmp_cu_seqlens=None, cmp_index=()):

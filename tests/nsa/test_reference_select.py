@@ -128,3 +128,37 @@ def test_ties_go_to_lower_index_and_padding():
         cur = t // ls
         expect = sorted({0, cur} | set(sorted(set(range(cur + 1)) - {0, cur})[: n - len({0, cur})]))
         assert idx[0, t, 0].tolist() == expect + [-1] * (n - len(expect)), t
+
+
+def _fused(q, kc, vc, case, cu=None):
+    _, _, _, _, _, l, d, ls, n, ni, nl = case
+    return nsa.compressed_attention_and_select(q, kc, vc, block_len=l, stride=d, select_len=ls, num_select=n,
+                                               num_init=ni, num_local=nl, cu_seqlens=cu, backend="torch")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[1]}G{c[2] // c[3]}l{c[5]}d{c[6]}ls{c[7]}" for c in CASES])
+def test_fused_compressed_and_select_equals_separate_calls(case):
+    """The layer's one-pass path: same blocks as the brute force, same o/lse and gradients as
+    compressed_attention (float64, so scores tie only where the spec makes them tie)."""
+    B, T, H, Hkv, Dk, l, d = case[:7]
+    q, _, _, kc, vc = bf.make_inputs(B, T, H, Hkv, Dk, Dk + 3, l, d, dtype=torch.float64)
+    q, kc, vc = (x.requires_grad_(True) for x in (q, kc, vc))
+    o, lse, idx = _fused(q, kc, vc, case)
+    assert idx.dtype == torch.int32 and idx.shape == (B, T, Hkv, case[8])
+    assert torch.equal(idx.long(), _brute(q.detach(), kc.detach(), case)[0])
+    o_ref, lse_ref = nsa.compressed_attention(q, kc, vc, block_len=l, stride=d, backend="torch")
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    w = torch.randn_like(o)
+    g = torch.autograd.grad((o * w).sum(), (q, kc, vc))
+    g_ref = torch.autograd.grad((o_ref * w).sum(), (q, kc, vc))
+    assert all(torch.equal(a, b) for a, b in zip(g, g_ref, strict=True))
+
+
+def test_fused_compressed_and_select_varlen():
+    case = (1, 200, 4, 2, 8, 16, 8, 32, 4, 1, 2)
+    cu = torch.tensor([0, 7, 100, 100, 140, 200], dtype=torch.int32)
+    q, _, _, kc, vc = bf.make_inputs(1, 200, 4, 2, 8, 8, 16, 8, cu, dtype=torch.float64)
+    o, lse, idx = _fused(q, kc, vc, case, cu)
+    assert torch.equal(idx.long(), _brute(q, kc, case, cu)[0])
+    o_ref, lse_ref = nsa.compressed_attention(q, kc, vc, block_len=16, stride=8, cu_seqlens=cu, backend="torch")
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)

@@ -48,9 +48,10 @@ def compressed_mask(block_len: int, stride: int, device):
     return mask_fn
 
 
-def _compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale):
+def compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale, on_probs=None):
+    """One sequence (no ``cu_seqlens``); ``on_probs`` as in :class:`nsa.ops.common.ChunkedAttention`."""
     plan = compressed_plan(q.shape[1], k_cmp.shape[1], q.shape[2], block_len, stride)
-    return chunked_attention(q, k_cmp, v_cmp, scale, plan, compressed_mask(block_len, stride, q.device))
+    return chunked_attention(q, k_cmp, v_cmp, scale, plan, compressed_mask(block_len, stride, q.device), on_probs)
 
 
 def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, cu_seqlens=None):
@@ -59,9 +60,9 @@ def compressed_attention(q, k_cmp, v_cmp, *, block_len, stride, scale=None, cu_s
     attends only to its own compressed blocks, packed at ``compressed_cu_seqlens`` offsets."""
     scale = resolve_scale(scale, q.shape[-1])
     if cu_seqlens is None:
-        return _compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale)
+        return compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale)
     return per_document(
-        lambda qd, kd, vd: _compressed_attention_dense(qd, kd, vd, block_len, stride, scale),
+        lambda qd, kd, vd: compressed_attention_dense(qd, kd, vd, block_len, stride, scale),
         cu_seqlens,
         q,
         k_cmp,

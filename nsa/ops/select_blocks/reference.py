@@ -35,7 +35,12 @@ from nsa.ops.common import (
     to_groups,
     to_kv_heads,
 )
-from nsa.ops.compressed_attention.reference import compressed_mask, visible_blocks
+from nsa.ops.compressed_attention.reference import (
+    compressed_attention_dense,
+    compressed_mask,
+    compressed_plan,
+    visible_blocks,
+)
 
 
 def overlap_scores(P: torch.Tensor, block_len: int, stride: int, select_len: int, nsel: int) -> torch.Tensor:
@@ -89,10 +94,55 @@ def _select_dense(q, k_cmp, lse, block_len, stride, select_len, num_select, num_
             P = s.sub_(neg_inf_safe(lse_c)[..., None]).exp_().sum(3)  # group sum, [B, Hkv, C, k1]
         else:
             P = qs.new_zeros(B, Hkv, q1 - q0, 0)
-        S = overlap_scores(P, block_len, stride, select_len, num_select_blocks(q1, select_len))
-        t = torch.arange(q0, q1, device=q.device)
-        out[:, :, q0:q1] = top_blocks(S, t, select_len, num_select, num_init, num_local)
+        out[:, :, q0:q1] = blocks_from_probs(P, q0, q1, block_len, stride, select_len, num_select, num_init,
+                                             num_local)
     return out.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+
+
+def blocks_from_probs(P, q0, q1, block_len, stride, select_len, num_select, num_init, num_local):
+    """Group-summed compressed probabilities ``P [..., C, k1]`` of queries ``[q0, q1)`` (over the
+    first ``k1`` blocks; later blocks count 0) -> int64 ``[..., C, n]`` selected blocks (steps 3-4)."""
+    S = overlap_scores(P, block_len, stride, select_len, num_select_blocks(q1, select_len))
+    t = torch.arange(q0, q1, device=P.device)
+    return top_blocks(S, t, select_len, num_select, num_init, num_local)
+
+
+def _compressed_and_select_dense(q, k_cmp, v_cmp, block_len, stride, select_len, num_select, num_init,
+                                 num_local, scale):
+    """Compressed attention whose forward also selects the blocks from its own probabilities."""
+    B, T, H, _ = q.shape
+    Hkv = k_cmp.shape[2]
+    sel = (block_len, stride, select_len, num_select, num_init, num_local)
+    out = torch.full((B, Hkv, T, num_select), -1, dtype=torch.int64, device=q.device)
+
+    def on_probs(q0, q1, k0, k1, p):  # p [B, Hkv, C, G, k1]: the compressed softmax of the chunk
+        out[:, :, q0:q1] = blocks_from_probs(p.sum(3), q0, q1, *sel)
+
+    o, lse = compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale, on_probs)
+    for q0, q1, _, k1 in compressed_plan(T, k_cmp.shape[1], H, block_len, stride):
+        if k1 == 0:  # the attention skips chunks that see no block: only forced blocks there
+            out[:, :, q0:q1] = blocks_from_probs(q.new_zeros(B, Hkv, q1 - q0, 0, dtype=lse.dtype), q0, q1, *sel)
+    return o, lse, out.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+
+
+def compressed_attention_and_select(q, k_cmp, v_cmp, *, block_len, stride, select_len, num_select, num_init=1,
+                                    num_local=2, scale=None, cu_seqlens=None):
+    """``compressed_attention`` and ``select_blocks`` in one pass over the compressed scores:
+    returns ``(o [B,T,H,Dv], lse [B,T,H], idx [B,T,Hkv,n] int32)``, the same as the two calls
+    (the selection reads the attention's softmax instead of recomputing ``q . k_cmp``)."""
+    scale = resolve_scale(scale, q.shape[-1])
+    params = (block_len, stride, select_len, num_select, num_init, num_local, scale)
+    if cu_seqlens is None:
+        return _compressed_and_select_dense(q, k_cmp, v_cmp, *params)
+    return per_document(
+        lambda qd, kd, vd: _compressed_and_select_dense(qd, kd, vd, *params),
+        cu_seqlens,
+        q,
+        k_cmp,
+        v_cmp,
+        cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride),
+        cmp_index=(1, 2),
+    )
 
 
 def select_blocks(

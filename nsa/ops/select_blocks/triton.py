@@ -33,7 +33,7 @@ from nsa.ops.triton_utils import (
     split_dim,
 )
 
-__all__ = ["select_blocks"]
+__all__ = ["select_blocks", "compressed_attention_and_select"]
 
 _FORCED = 1.0e30  # score of forced (initial/local) blocks: above any real score (<= G * l/d * l'/d)
 _BIG = 1 << 30  # index sentinel for empty top-n slots
@@ -167,6 +167,19 @@ def select_blocks(
     return torch.ops.nsa.select_blocks(
         q, k_cmp, lse, cu_seqlens, block_len, stride, select_len, num_select, num_init, num_local, float(scale)
     )
+
+
+def compressed_attention_and_select(q, k_cmp, v_cmp, *, block_len, stride, select_len, num_select, num_init=1,
+                                    num_local=2, scale=None, cu_seqlens=None):
+    """The compressed-attention kernel, then the selection kernel from its ``lse`` (the fusion
+    the torch backend does in one pass is already inside the selection kernel here)."""
+    from nsa.ops.compressed_attention.triton import compressed_attention
+
+    blk = dict(block_len=block_len, stride=stride, scale=scale, cu_seqlens=cu_seqlens)
+    o, lse = compressed_attention(q, k_cmp, v_cmp, **blk)
+    idx = select_blocks(q, k_cmp, **blk, select_len=select_len, num_select=num_select, num_init=num_init,
+                        num_local=num_local, lse=lse)
+    return o, lse, idx
 
 
 def _select_blocks_impl(q, k_cmp, lse, cu_seqlens, block_len, stride, select_len, num_select,

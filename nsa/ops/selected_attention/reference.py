@@ -11,13 +11,13 @@ pairs ("lanes") that share one block, ``R*G ~ 64`` query rows. A tile is one sma
 matmul ``[R*G, Dk] @ [Dk, l']`` with the block's keys gathered once for the whole tile, and
 only the tiles holding a query's own (diagonal) block need a causal mask.
 
-Softmax across a query's blocks, in two passes over each chunk's tiles (processed in
-cache-sized batches): pass 1 takes every lane's log-sum-exp and combines them into the
-query's ``lse`` (``scatter_reduce`` max, ``index_add_`` of the exponentials); pass 2
-recomputes the scores, forms ``p = exp(s - lse)`` and adds ``p @ V`` into the query rows
-with ``index_add_``. A custom autograd function keeps only ``o``, ``lse`` and the tile
-plans; backward recomputes the tiles and scatters ``dq``/``dk``/``dv`` with ``index_add_``
-(``dk``/``dv`` once per tile, not per lane).
+Softmax across a query's blocks in one pass over each chunk's tiles (processed in
+cache-sized batches), flash-attention style: each lane's scores give its max ``m``, its
+``exp(s - m)`` sum and its un-normalised ``exp(s - m) @ V``; these are folded into the query
+rows with a running max (``scatter_reduce`` max, rescaling the rows a batch touches, then
+``index_add_``), and ``o`` is normalised at the end. A custom autograd function keeps only
+``o``, ``lse`` and the tile plans; backward recomputes the tiles and scatters
+``dq``/``dk``/``dv`` with ``index_add_`` (``dk``/``dv`` once per tile, not per lane).
 """
 
 from __future__ import annotations
@@ -129,28 +129,32 @@ class SelectedAttention(torch.autograd.Function):
         idx = block_indices.permute(0, 2, 1, 3).reshape(BH, T, n).to(torch.int64)
         R = max(1, ROWS_PER_TILE // G)
         tb = max(1, SCORE_BUDGET // (R * G * l))
-        o = qrows.new_zeros(BH * T + 1, G, Dv)
-        lse = qrows.new_full((BH * T + 1, G), float("-inf"))
-        tot = torch.zeros_like(lse)
+        o = qrows.new_zeros(BH * T + 1, G, Dv)  # un-normalised: sum of exp(s - m) V
+        m = qrows.new_full((BH * T + 1, G), float("-inf"))  # running max of each query row
+        tot = torch.zeros_like(m)  # sum of exp(s - m)
         plans = []
         for q0, q1 in chunk_ranges(T, QUERIES_PER_PLAN):
             plan = plan_tiles(idx[:, q0:q1], q0, T, nsel, l, R)
-            row = plan[1]
-            # pass 1: each lane's log-sum-exp, combined into its query's lse
-            lse_lane = qrows.new_empty(row.numel(), G)
-            for i, batch in enumerate(tile_batches(plan, R, tb)):
-                s, _, _ = _tile_scores(qrows, kb, batch, nsel, l)
-                lse_lane[i * tb * R : i * tb * R + batch[1].numel()] = torch.logsumexp(s.view(-1, G, l), -1)
-            mx = neg_inf_safe(lse.scatter_reduce_(0, row[:, None].expand(-1, G), lse_lane, "amax")[row])
-            tot.index_add_(0, row, torch.exp(lse_lane - mx))
-            lse[row] = mx + torch.log(tot[row])
-            lse[-1] = float("inf")  # spare row: padding lanes get probability 0 in pass 2
-            # pass 2: p = exp(s - lse) and o += p @ V per lane
             for batch in tile_batches(plan, R, tb):
+                key, row = batch[0], batch[1]
                 s, _, _ = _tile_scores(qrows, kb, batch, nsel, l)
-                p = s.view(-1, G, l).sub_(lse[batch[1]][..., None]).exp_().view(s.shape)
-                o.index_add_(0, batch[1], (p @ vb.index_select(0, batch[0])).view(-1, G, Dv))
+                s = s.view(-1, G, l)
+                m_lane = s.amax(-1)  # finite: every lane sees its block's first key (padding lanes score 0)
+                e = s.sub_(m_lane[..., None]).exp_()
+                o_lane = (e.view(key.numel(), -1, l) @ vb.index_select(0, key)).view(-1, G, Dv)
+                # online softmax across lanes: raise the rows' max, rescale what they hold, add the lanes
+                m_old = m[row]
+                m.scatter_reduce_(0, row[:, None].expand(-1, G), m_lane, "amax")
+                m_new = m[row]
+                keep = torch.exp(m_old - m_new)  # 0 where the row was empty (m_old = -inf)
+                o[row] = o[row] * keep[..., None]  # rows repeated in the batch write the same value
+                tot[row] = tot[row] * keep
+                w = torch.exp(m_lane - m_new)
+                o.index_add_(0, row, o_lane.mul_(w[..., None]))
+                tot.index_add_(0, row, e.sum(-1).mul_(w))
             plans.append(plan)
+        o = o / torch.where(tot > 0, tot, 1.0)[..., None]
+        lse = m + torch.log(tot)  # -inf for rows without a visible key
         out = from_groups(o[:-1].view(B, Hkv, T, G, Dv)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse[:-1])  # the returned o, not a second copy
         ctx.plans, ctx.select_len, ctx.scale, ctx.tb = plans, select_len, scale, tb

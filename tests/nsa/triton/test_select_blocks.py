@@ -144,3 +144,27 @@ def test_compile_fullgraph():
     fn = lambda q, k: select_blocks(q, k, block_len=8, stride=4, select_len=8, num_select=2)
     out = torch.compile(fn, fullgraph=True, backend="inductor" if CUDA else "aot_eager")(q, k)
     assert torch.equal(out, fn(q, k))
+
+
+def test_fused_compressed_and_select_matches_torch():
+    """``compressed_attention_and_select``: the triton pair of kernels against the torch
+    one-pass path, varlen with a document shorter than one block."""
+    lens, H, Hkv, Dk, l, d, sel, n, ni, nl = CASES["G1_varlen_short_doc"]
+    g = torch.Generator().manual_seed(3)
+    T, Nc = sum(lens), sum(n_cmp(L, l, d) for L in lens)
+    q, k, v = (torch.randn(1, s, h, Dk, generator=g).to(DEVICE) for s, h in ((T, H), (Nc, Hkv), (Nc, Hkv)))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    kw = dict(block_len=l, stride=d, select_len=sel, num_select=n, num_init=ni, num_local=nl, scale=0.3,
+              cu_seqlens=cu)
+    o, lse, idx = nsa.compressed_attention_and_select(q, k, v, backend="triton", **kw)
+    o_ref, lse_ref, idx_ref = nsa.compressed_attention_and_select(q, k, v, backend="torch", **kw)
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert ((o - o_ref).norm() / o_ref.norm()).item() < 1e-5  # float32 in both: rounding only
+    assert ((lse[fin] - lse_ref[fin]).norm() / lse_ref[fin].norm()).item() < 1e-5
+    t0 = c0 = 0
+    for L in lens:
+        c = n_cmp(L, l, d)
+        S = true_scores(q[0, t0:t0 + L].cpu(), k[0, c0:c0 + c].cpu(), l, d, sel, 0.3)
+        assert_same_selection(idx[0, t0:t0 + L].cpu(), idx_ref[0, t0:t0 + L].cpu(), S)
+        t0, c0 = t0 + L, c0 + c
