@@ -74,7 +74,7 @@ class HubSource:
 class SyntheticSource:
     """Synthetic long-context documents (see :mod:`data.synthetic`).
 
-    task: "passkey" | "needle" | "mqar"; filler lengths in characters are drawn
+    task: "passkey" | "needle" | "mqar" | "copy"; filler lengths in characters are drawn
     uniformly from [min_filler_chars, max_filler_chars]; kwargs go to the generator.
     """
 

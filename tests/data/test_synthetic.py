@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from data.sources import SyntheticSource
-from data.synthetic import make_mqar_document, make_needle_document, make_passkey_document, synthetic_texts
+from data.synthetic import (
+    make_copy_document,
+    make_mqar_document,
+    make_needle_document,
+    make_passkey_document,
+    synthetic_texts,
+)
 
 
 def check_spans(doc):
@@ -90,3 +96,16 @@ def test_synthetic_source_lengths():
     assert all(300 <= len(t) <= 900 + 400 for t in texts)  # filler plus needle, question and answer
     assert texts == synthetic_texts(SyntheticSource(task="needle", num_documents=20, min_filler_chars=300,
                                                     max_filler_chars=900, seed=5))
+
+
+def test_copy_document_repeats_its_sequence():
+    doc = make_copy_document(random.Random(5), 200)
+    check_spans(doc)
+    ((a, b),) = doc.answer_spans
+    seq = doc.text[a:b]
+    assert len(seq) >= 200 - 10 and doc.text.count(seq) == 2  # once to read, once as the answer
+    assert doc.prompt.endswith("Copy: ") and doc.text.endswith(seq + "\n")
+    assert any(ch.isdigit() for ch in seq) and any(ch.isalpha() for ch in seq)
+    assert make_copy_document(random.Random(5), 200).text == doc.text  # a pure function of the rng
+    texts = synthetic_texts(SyntheticSource(task="copy", num_documents=3, min_filler_chars=20, max_filler_chars=60))
+    assert len(texts) == 3 and all(t.startswith("Copy this text exactly.") for t in texts)

@@ -38,7 +38,14 @@ from nsa.ops.common import (
 )
 
 ROWS_PER_TILE = 64  # R * G: query rows in one tile's matmul
-QUERIES_PER_PLAN = 1024  # queries whose (query, block) pairs are sorted into tiles together
+QUERIES_PER_PLAN = 1024  # queries whose (query, block) pairs are sorted into tiles together (at most)
+LANE_BUDGET = 1 << 24  # floats of the per-lane outputs a chunk holds in the forward (64 MB in float32)
+
+
+def queries_per_plan(lane_floats_per_query: int) -> int:
+    """Queries per plan: ``QUERIES_PER_PLAN``, fewer when their lanes' outputs (``n * G * Dv``
+    floats per query and KV head) would pass ``LANE_BUDGET``; at least 16."""
+    return max(16, min(QUERIES_PER_PLAN, LANE_BUDGET // max(1, lane_floats_per_query)))
 
 
 def _blocks(x: torch.Tensor, select_len: int, dtype) -> torch.Tensor:
@@ -130,28 +137,28 @@ class SelectedAttention(torch.autograd.Function):
         R = max(1, ROWS_PER_TILE // G)
         tb = max(1, SCORE_BUDGET // (R * G * l))
         o = qrows.new_zeros(BH * T + 1, G, Dv)  # un-normalised: sum of exp(s - m) V
-        m = qrows.new_full((BH * T + 1, G), float("-inf"))  # running max of each query row
+        m = qrows.new_full((BH * T + 1, G), float("-inf"))  # max score of each query row
         tot = torch.zeros_like(m)  # sum of exp(s - m)
         plans = []
-        for q0, q1 in chunk_ranges(T, QUERIES_PER_PLAN):
+        for q0, q1 in chunk_ranges(T, queries_per_plan(BH * n * G * Dv)):
             plan = plan_tiles(idx[:, q0:q1], q0, T, nsel, l, R)
-            for batch in tile_batches(plan, R, tb):
-                key, row = batch[0], batch[1]
-                s, _, _ = _tile_scores(qrows, kb, batch, nsel, l)
-                s = s.view(-1, G, l)
-                m_lane = s.amax(-1)  # finite: every lane sees its block's first key (padding lanes score 0)
-                e = s.sub_(m_lane[..., None]).exp_()
-                o_lane = (e.view(key.numel(), -1, l) @ vb.index_select(0, key)).view(-1, G, Dv)
-                # online softmax across lanes: raise the rows' max, rescale what they hold, add the lanes
-                m_old = m[row]
-                m.scatter_reduce_(0, row[:, None].expand(-1, G), m_lane, "amax")
-                m_new = m[row]
-                keep = torch.exp(m_old - m_new)  # 0 where the row was empty (m_old = -inf)
-                o[row] = o[row] * keep[..., None]  # rows repeated in the batch write the same value
-                tot[row] = tot[row] * keep
-                w = torch.exp(m_lane - m_new)
-                o.index_add_(0, row, o_lane.mul_(w[..., None]))
-                tot.index_add_(0, row, e.sum(-1).mul_(w))
+            row = plan[1]
+            # every lane's max, exp-sum and exp(s - max) @ V, held for the whole chunk
+            m_lane, tot_lane = qrows.new_empty(row.numel(), G), qrows.new_empty(row.numel(), G)
+            o_lane = qrows.new_empty(plan[0].numel(), R * G, Dv)
+            for i, batch in enumerate(tile_batches(plan, R, tb)):
+                key = batch[0]
+                tiles, lanes = slice(i * tb, i * tb + key.numel()), slice(i * tb * R, (i * tb + key.numel()) * R)
+                s = _tile_scores(qrows, kb, batch, nsel, l)[0].view(-1, G, l)
+                torch.amax(s, -1, out=m_lane[lanes])  # finite: a lane sees its block's first key
+                e = s.sub_(m_lane[lanes, :, None]).exp_()  # (padding lanes score 0)
+                torch.sum(e, -1, out=tot_lane[lanes])
+                torch.bmm(e.view(key.numel(), -1, l), vb.index_select(0, key), out=o_lane[tiles])
+            # a chunk holds all lanes of its queries: combine them under each row's max
+            m.scatter_reduce_(0, row[:, None].expand(-1, G), m_lane, "amax")
+            w = m_lane.sub_(m[row]).exp_()
+            o.index_add_(0, row, o_lane.view(-1, G, Dv).mul_(w[..., None]))
+            tot.index_add_(0, row, tot_lane.mul_(w))
             plans.append(plan)
         o = o / torch.where(tot > 0, tot, 1.0)[..., None]
         lse = m + torch.log(tot)  # -inf for rows without a visible key
