@@ -91,9 +91,15 @@ def score_prediction(prediction: str, answers: Sequence[str]) -> tuple[float, fl
 def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int) -> list[str]:
     """Lines (with their newlines) of the corpus, at most about ``max_chars`` characters.
 
-    ``corpus``: "pystdlib" / None (the standard library's .py files, sorted), a file,
-    a directory (its *.txt, *.md, *.py files, sorted), or a list of such paths.
+    ``corpus``: "pystdlib" / None (the standard library's .py files, sorted), "passkey_filler"
+    (the classic passkey test's repeated "The grass is green..." sentences, as in
+    :mod:`data.synthetic`'s passkey documents), a file, a directory (its *.txt, *.md, *.py
+    files, sorted), or a list of such paths.
     """
+    if corpus == "passkey_filler":
+        from data.synthetic import PASSKEY_FILLER
+
+        return list(PASSKEY_FILLER) * max(1, -(-max_chars // sum(map(len, PASSKEY_FILLER))))
     if corpus in (None, "pystdlib"):
         from data.sources import PyStdlibSource, stdlib_files
 

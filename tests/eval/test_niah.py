@@ -53,6 +53,9 @@ def test_corpus_lines(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\nsecond line")
     assert niah.corpus_lines(tmp_path, 1000) == ["first line\n", "second line\n"]
     assert len(niah.corpus_lines("pystdlib", 2000)) > 10
+    filler = niah.corpus_lines("passkey_filler", 2000)  # the classic passkey test's haystack
+    assert set(filler) == {"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "}
+    assert sum(map(len, filler)) >= 2000
     with pytest.raises(ValueError, match="does not exist"):
         niah.corpus_lines(tmp_path / "missing", 10)
 
