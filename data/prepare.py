@@ -34,12 +34,14 @@ def default_out_dir(dcfg: DataConfig, tcfg: TokenizerConfig) -> Path:
     return Path(dcfg.out_dir) if dcfg.out_dir else Path("outputs/data") / f"{dcfg.name}-{tcfg.name}"
 
 
-def config_hash(dcfg: DataConfig, tok: Tokenizer) -> str:
-    """Hash of everything that changes the shards' content (not num_proc or out_dir)."""
+def config_hash(dcfg: DataConfig, tok: Tokenizer | str) -> str:
+    """Hash of everything that changes the shards' content (not num_proc or out_dir);
+    ``tok`` is the tokenizer or its sha256."""
     d = to_plain(dcfg)
     d.pop("num_proc"), d.pop("out_dir")
     # the Python version pins the pystdlib corpus (it is the running interpreter's library)
-    blob = json.dumps({"data": d, "tokenizer_sha256": tok.sha256, "format": FORMAT_VERSION,
+    sha = tok if isinstance(tok, str) else tok.sha256
+    blob = json.dumps({"data": d, "tokenizer_sha256": sha, "format": FORMAT_VERSION,
                        "python": platform.python_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -71,6 +73,24 @@ def _encode(batch: dict, model_path: str, sha256: str) -> dict:
     if tok is None:
         tok = _WORKER_TOKENIZERS[model_path] = Tokenizer(model_path)
     return {"ids": tok.encode_batch(batch["text"])}
+
+
+def stale_preparation(out: Path, dcfg: DataConfig) -> str | None:
+    """Why the preparation in ``out`` does not match ``dcfg`` (None if it does, or if ``out``
+    holds no hashed preparation, e.g. shards written by hand). Uses the tokenizer sha256
+    recorded in ``meta.json``, so it never loads or trains a tokenizer."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    sha, have = meta.get("tokenizer", {}).get("sha256"), meta.get("config_hash")
+    if not sha or not have:
+        return None
+    want = config_hash(dcfg, sha)
+    if want == have:
+        return None
+    return (f"{out} was prepared from another data config (hash {have[:12]}, this config {want[:12]}): "
+            f"give this config its own data.name (or data.out_dir), or delete {out} to prepare it again")
 
 
 def is_prepared(out: Path, chash: str, vocab_size: int) -> bool:

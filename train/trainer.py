@@ -67,12 +67,21 @@ def _data_dir(cfg) -> Path:
 
 
 def prepare_data(cfg, rank: int, log) -> Path:
-    """The prepared shard directory; rank 0 tokenises the source first if it is missing."""
+    """The prepared shard directory; rank 0 tokenises the source first if it is missing. The
+    default directory (``outputs/data/<data.name>-<tokenizer.name>``) is refused when it was
+    prepared from a different data config (same name, changed source); one named by
+    ``data.out_dir`` is used as it is, with a warning."""
     import torch.distributed as dist
 
+    from data.prepare import stale_preparation
+    from data.sources import data_config_from_dict
+
     out = _data_dir(cfg)
-    err = None
-    if rank == 0 and not (out / "meta.json").is_file():
+    err = stale_preparation(out, data_config_from_dict(_to_plain(cfg.data))) if rank == 0 else None
+    if err and cfg.data.get("out_dir"):  # a directory named explicitly is used as it is
+        log(f"warning: {err.split(':')[0]}; using it because data.out_dir names it")
+        err = None
+    if rank == 0 and err is None and not (out / "meta.json").is_file():
         from data.prepare import prepare
 
         try:

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from data.loader import PackedLoader
-from data.prepare import main, prepare
+from data.prepare import main, prepare, stale_preparation
 from data.shards import Shard
 from data.sources import (
     MixtureSource,
     PyStdlibSource,
     SyntheticSource,
+    data_config_from_dict,
     load_documents,
     source_from_dict,
     stdlib_files,
@@ -79,6 +80,20 @@ def test_second_run_skips_and_config_change_redoes(tmp_path, jsonl, tokenizer):
     prepare(data_cfg(jsonl, validation_fraction=0.5), tok_cfg(tokenizer), out, log=logs.append)
     assert "up to date" not in logs[-1]
     Shard(out / "train-00000.bin", 512)
+
+
+def test_stale_preparation_names_the_mismatch(tmp_path, jsonl, tokenizer):
+    """What the trainer checks before reusing shards: same config -> None, a changed source or
+    split -> a message naming the directory, hand-written shards (no hash) -> None."""
+    out = prepare(data_cfg(jsonl), tok_cfg(tokenizer), tmp_path / "o")
+    assert stale_preparation(out, data_config_from_dict(data_cfg(jsonl, num_proc=1))) is None
+    msg = stale_preparation(out, data_config_from_dict(data_cfg(jsonl, validation_fraction=0.5)))
+    assert msg and str(out) in msg and "data.name" in msg
+    assert stale_preparation(tmp_path / "missing", data_config_from_dict(data_cfg(jsonl))) is None
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["config_hash"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert stale_preparation(out, data_config_from_dict(data_cfg(jsonl, validation_fraction=0.5))) is None
 
 
 def test_empty_and_too_small_sources(tmp_path, tokenizer):
