@@ -5,7 +5,8 @@
 #   2 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
 #                 python -m train experiment=compare_small attention=full  } (same seed, data order, steps)
 #   3 eval-ppl    python -m eval task=ppl  checkpoint=outputs/runs/compare_small-{nsa,full}  (1x, 2x, 4x length)
-#   4 eval-niah   python -m eval task=niah checkpoint=...  (passkey at 1x, 2x, 4x the 1024-token training length)
+#   4 eval-niah   python -m eval task=niah eval@niah=niah_passkey checkpoint=...  (passkey at 1x, 2x, 4x the
+#                 1024-token training length)
 #   5 compare     python -m eval.compare ... --out outputs/compare_small
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
@@ -23,7 +24,7 @@ RUNS=(nsa full)
 read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
 echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
-DATA=outputs/data/pystdlib_passkey-bpe4096
+DATA=outputs/data/passkey_mix-bpe4096
 
 _any_alive() {
     local p
@@ -71,8 +72,9 @@ stage 2 train "$exports" "configs/experiment/$NAME.yaml configs/train.yaml confi
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
 PPL_ARGS=(task=ppl "ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)
-NIAH_ARGS=(task=niah niah.needle=passkey "niah.context_lengths=[1024,2048,4096]"
-           "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=2 niah.max_new_tokens=8)
+# the classic passkey test (repeated filler, the training documents' wording): configs/eval/niah_passkey.yaml
+NIAH_ARGS=(task=niah eval@niah=niah_passkey "niah.context_lengths=[1024,2048,4096]"
+           "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=4 niah.max_new_tokens=8)
 num=3
 eval_and_compare $NAME
 # COMPARE_PUBLISH=DIR: copy the small results (report, figures, evaluation results, stage times,

@@ -77,8 +77,8 @@ case "$2" in
   data.prepare) mkdir -p outputs/data/pystdlib-bpe4096 && touch outputs/data/pystdlib-bpe4096/meta.json ;;
   train)
     exp=$(arg experiment "$@"); att=$(arg attention "$@")
-    [[ $exp == compare_small ]] && mkdir -p outputs/data/pystdlib_passkey-bpe4096 \
-        && touch outputs/data/pystdlib_passkey-bpe4096/meta.json
+    [[ $exp == compare_small ]] && mkdir -p outputs/data/passkey_mix-bpe4096 \
+        && touch outputs/data/passkey_mix-bpe4096/meta.json
     mkdir -p "outputs/runs/$exp-$att/export" && date +%s%N >"outputs/runs/$exp-$att/export/model.safetensors"
     echo "attention: $att" >"outputs/runs/$exp-$att/config.yaml" ;;
   eval)
