@@ -13,9 +13,10 @@ only the tiles holding a query's own (diagonal) block need a causal mask.
 
 Softmax across a query's blocks in one pass over each chunk's tiles (processed in
 cache-sized batches), flash-attention style: each lane's scores give its max ``m``, its
-``exp(s - m)`` sum and its un-normalised ``exp(s - m) @ V``; these are folded into the query
-rows with a running max (``scatter_reduce`` max, rescaling the rows a batch touches, then
-``index_add_``), and ``o`` is normalised at the end. A custom autograd function keeps only
+``exp(s - m)`` sum and its un-normalised ``exp(s - m) @ V``, held for the chunk (at most
+``LANE_BUDGET`` floats); since a chunk holds every lane of its queries, the lanes are then
+combined once under each row's max (``scatter_reduce`` max, ``index_add_``) and ``o`` is
+normalised at the end. A custom autograd function keeps only
 ``o``, ``lse`` and the tile plans; backward recomputes the tiles and scatters
 ``dq``/``dk``/``dv`` with ``index_add_`` (``dk``/``dv`` once per tile, not per lane).
 """
