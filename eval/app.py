@@ -15,7 +15,7 @@ from pathlib import Path
 from eval.checkpoint import run_data_dir, run_wandb_group, run_wandb_project
 from eval.io import write_json, write_jsonl
 
-TASKS = ("niah", "longbench", "mmlu", "ppl", "general")
+TASKS = ("niah", "longbench", "mmlu", "ppl", "general", "retrieval")
 
 
 def _device(name: str) -> str:
@@ -85,6 +85,19 @@ def _run_ppl(lm, tcfg, out: Path, progress: bool, run_dir):
     return results, records, ppl.results_markdown(results), images, {"loss_by_position": table}
 
 
+def _run_retrieval(lm, tcfg, out: Path, progress: bool):
+    from eval import retrieval
+    from eval.plots import grouped_bars
+
+    results, records = retrieval.run_retrieval(lm, tcfg, progress)
+    tasks = list(results)
+    images = {"exact": grouped_bars(tasks, {out.parent.name: [100 * results[t]["exact"] for t in tasks]},
+                                    out / "exact.png", "answers retrieved (%)", "Retrieval (held-out synthetic)")}
+    table = (["task", "documents", "answers", "exact", "token_acc", "doc_exact"],
+             [[t, r["documents"], r["answers"], r["exact"], r["token_acc"], r["doc_exact"]] for t, r in results.items()])
+    return results, records, retrieval.results_markdown(results), images, {"retrieval": table}
+
+
 def _run_general(lm, tcfg, out: Path, progress: bool):
     from eval.io import markdown_table
     from eval.lm_eval_adapter import run_suite, suite_rows
@@ -130,7 +143,8 @@ def run_task(cfg: Mapping) -> Path:
     if task == "ppl":
         results, records, md, images, tables = _run_ppl(lm, tcfg, out, progress, lm.info.run_dir)
     else:
-        runner = {"niah": _run_niah, "longbench": _run_longbench, "mmlu": _run_mmlu, "general": _run_general}[task]
+        runner = {"niah": _run_niah, "longbench": _run_longbench, "mmlu": _run_mmlu, "general": _run_general,
+                  "retrieval": _run_retrieval}[task]
         results, records, md, images, tables = runner(lm, tcfg, out, progress)
     saved_cfg = {k: v for k, v in tcfg.items() if k != "tasks" or task != "longbench"}
     doc = {"task": task, "name": name, "checkpoint": str(lm.info.export_dir),

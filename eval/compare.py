@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eval.io import markdown_table, read_jsonl
 
-TASK_NAMES = ("niah", "longbench", "mmlu", "ppl", "general")
+TASK_NAMES = ("niah", "longbench", "mmlu", "ppl", "general", "retrieval")
 
 
 @dataclass
@@ -214,6 +214,20 @@ def general_section(entries: list[Entry]) -> str:
         ["suite task", "lm-eval task", "metric"] + [e.name for e in have], rows, 4) + "\n"
 
 
+def retrieval_section(entries: list[Entry]) -> str:
+    have = [e for e in entries if "retrieval" in e.results]
+    if not have:
+        return ""
+    tasks = list(dict.fromkeys(t for e in have for t in e.results["retrieval"]["results"]))
+    rows = []
+    for e in have:
+        res = e.results["retrieval"]["results"]
+        rows.append([e.name] + [f"{res[t]['exact']:.3f} ({res[t]['token_acc']:.3f})" if t in res else None for t in tasks])
+    return ("## Retrieval on held-out synthetic documents\n\nAnswers retrieved exactly (answer tokens right), "
+            "teacher-forced (`python -m eval task=retrieval`).\n\n"
+            + markdown_table(["run"] + tasks, rows, 3) + "\n")
+
+
 def build_report(entries: list[Entry], out: Path) -> Path:
     """Write ``out/report.md`` and its figures; returns the report path."""
     if len(entries) < 1:
@@ -222,7 +236,8 @@ def build_report(entries: list[Entry], out: Path) -> Path:
     head = "# " + " vs ".join(e.name for e in entries) + "\n\n"
     head += "Sources: " + "; ".join(f"{e.name}: run {e.run_dir or '-'}, eval {e.eval_dir or '-'}" for e in entries) + "\n\n"
     parts = [head, summary_section(entries), "\n", curves_section(entries, out), ppl_section(entries, out),
-             niah_section(entries, out), longbench_section(entries, out), mmlu_section(entries), general_section(entries)]
+             niah_section(entries, out), retrieval_section(entries), longbench_section(entries, out),
+             mmlu_section(entries), general_section(entries)]
     path = out / "report.md"
     path.write_text("".join(parts), encoding="utf-8")
     return path

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NSA vs full attention, the longer CPU experiment (about an hour on 2 cores):
+# NSA vs full attention, the longer CPU experiment (about 70 minutes on 2 cores):
 #
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
 #   2 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
@@ -7,7 +7,8 @@
 #   3 eval-ppl    python -m eval task=ppl  checkpoint=outputs/runs/compare_small-{nsa,full}  (1x, 2x, 4x length)
 #   4 eval-niah   python -m eval task=niah eval@niah=niah_passkey checkpoint=...  (passkey at 1x, 2x, 4x the
 #                 1024-token training length)
-#   5 compare     python -m eval.compare ... --out outputs/compare_small
+#   5 eval-retrieval  python -m eval task=retrieval checkpoint=...  (held-out passkey, MQAR, copy documents)
+#   6 compare     python -m eval.compare ... --out outputs/compare_small
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
 # concurrently so that they reach the same step at about the same time; the NSA run prepares the
@@ -19,7 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/demo.sh
 source launch/demo.sh
 NAME=compare_small
-STAGES=5
+STAGES=6
 RUNS=(nsa full)
 read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
@@ -75,6 +76,9 @@ PPL_ARGS=(task=ppl "ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_
 # the classic passkey test (repeated filler, the training documents' wording): configs/eval/niah_passkey.yaml
 NIAH_ARGS=(task=niah eval@niah=niah_passkey "niah.context_lengths=[1024,2048,4096]"
            "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=4 niah.max_new_tokens=8)
+# in-distribution retrieval: held-out passkey / MQAR / copy documents like the training mixture's
+RETRIEVAL_ARGS=(task=retrieval retrieval.num_documents=64)
+EVAL_TASKS=(ppl niah retrieval)
 num=3
 eval_and_compare $NAME
 # COMPARE_PUBLISH=DIR: copy the small results (report, figures, evaluation results, stage times,
@@ -83,7 +87,7 @@ if [[ -n ${COMPARE_PUBLISH:-} ]]; then
     mkdir -p "$COMPARE_PUBLISH"
     cp "$OUT"/report.md "$OUT"/*.png "$TIMES" "$COMPARE_PUBLISH/"
     for a in "${RUNS[@]}"; do
-        for task in ppl niah; do cp "outputs/eval/$NAME-$a/$task/results.json" "$COMPARE_PUBLISH/$a-$task.json"; done
+        for task in "${EVAL_TASKS[@]}"; do cp "outputs/eval/$NAME-$a/$task/results.json" "$COMPARE_PUBLISH/$a-$task.json"; done
         cp "outputs/runs/$NAME-$a/config.yaml" "$COMPARE_PUBLISH/$a-config.yaml"
     done
     echo "== published to $COMPARE_PUBLISH"

@@ -101,13 +101,17 @@ run_setup() {
     fi
 }
 
-# eval_and_compare NAME: stages eval-ppl-*, eval-niah-* (PPL_ARGS, NIAH_ARGS) for each of RUNS, then
-# compare into $OUT/report.md; numbered from $num on.
+# eval_and_compare NAME: stages eval-<task>-* for each task of EVAL_TASKS (default: ppl niah; the
+# arguments of task x are the array X_ARGS, e.g. PPL_ARGS) and each of RUNS, then compare into
+# $OUT/report.md; numbered from $num on.
 eval_and_compare() {
     local name=$1 task a run evals=""
-    local -a args
-    for task in ppl niah; do
-        if [[ $task == ppl ]]; then args=("${PPL_ARGS[@]}"); else args=("${NIAH_ARGS[@]}"); fi
+    local -a args tasks=(ppl niah)
+    [[ -n ${EVAL_TASKS+set} ]] && tasks=("${EVAL_TASKS[@]}")
+    for task in "${tasks[@]}"; do
+        local -n task_args="${task^^}_ARGS"
+        args=("${task_args[@]}")
+        unset -n task_args
         for a in "${RUNS[@]}"; do
             run=outputs/runs/$name-$a
             stage $num "eval-$task-$a" "outputs/eval/$name-$a/$task/results.json" "$run/export/model.safetensors" -- \

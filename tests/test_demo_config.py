@@ -157,12 +157,13 @@ def test_compare_small_trains_both_then_evaluates(tmp_path):
     assert trains == ["-m train experiment=compare_small attention=full",
                       "-m train experiment=compare_small attention=nsa"]
     evals = [c for c in calls if c.startswith("-m eval ")]
-    assert len(evals) == 4 and all("checkpoint=outputs/runs/compare_small-" in c for c in evals)
+    assert len(evals) == 6 and all("checkpoint=outputs/runs/compare_small-" in c for c in evals)
+    assert [c.split()[2] for c in evals] == ["task=ppl"] * 2 + ["task=niah"] * 2 + ["task=retrieval"] * 2
     assert calls[-1].startswith("-m eval.compare outputs/runs/compare_small-nsa outputs/runs/compare_small-full")
     assert (root / "outputs/compare_small/report.md").is_file()
     pub = tmp_path / "published"
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_PUBLISH": str(pub)}, log)
     assert calls == []  # all up to date; the results are only copied
     assert sorted(p.name for p in pub.iterdir()) == [
-        "full-config.yaml", "full-niah.json", "full-ppl.json", "nsa-config.yaml", "nsa-niah.json", "nsa-ppl.json",
-        "report.md", "stage_times.tsv", "val_loss.png"]
+        "full-config.yaml", "full-niah.json", "full-ppl.json", "full-retrieval.json", "nsa-config.yaml",
+        "nsa-niah.json", "nsa-ppl.json", "nsa-retrieval.json", "report.md", "stage_times.tsv", "val_loss.png"]

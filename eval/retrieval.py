@@ -1,0 +1,125 @@
+"""Retrieval accuracy on held-out synthetic documents (``python -m eval task=retrieval``).
+
+The documents are those the long-context mixtures train on (:mod:`data.synthetic`: passkey,
+needle, MQAR, copy), drawn with a seed of their own, so this measures the in-distribution
+skill that NIAH then tests at other lengths and in other haystacks. Each document is scored
+teacher-forced in one forward pass: an answer counts as retrieved when the argmax prediction
+of every one of its tokens is right, which is what greedy decoding of that answer from the
+true prefix would produce. Per task it reports the share of answers retrieved (``exact``), of
+answer tokens predicted (``token_acc``) and of documents with every answer retrieved
+(``doc_exact``), and the same in ``num_buckets`` buckets of document length.
+
+The text is tokenised piece by piece (the text between answers, then each answer), so the
+answer tokens are known exactly; ``joint_tokenization`` is the share of documents where that
+equals tokenising the whole text, as training did (1.0 for the built-in generators and the
+repository's tokenizers).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import torch
+
+from eval.io import markdown_table
+
+TASK_KWARGS = ("min_filler_chars", "max_filler_chars", "num_documents", "kwargs")
+
+
+def documents(task: str, n: int, min_filler: int, max_filler: int, seed: int, kwargs: Mapping | None = None):
+    """``n`` documents of ``task`` with filler lengths uniform in ``[min_filler, max_filler]``."""
+    from data.synthetic import GENERATORS
+
+    if task not in GENERATORS:
+        raise ValueError(f"unknown retrieval task {task!r}; known: {sorted(GENERATORS)}")
+    if not 0 <= min_filler <= max_filler:
+        raise ValueError(f"need 0 <= min_filler_chars <= max_filler_chars, got {min_filler} and {max_filler}")
+    r = random.Random(f"{seed}-{task}")
+    return [GENERATORS[task](r, r.randint(min_filler, max_filler), r.random(), **dict(kwargs or {}))
+            for _ in range(n)]
+
+
+def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]], bool]:
+    """``(ids with BOS, [(first, end) token index of each answer], same as whole-text encoding)``."""
+    ids, spans, pos = lm.encode("", bos=None), [], 0
+    for a, b in doc.answer_spans:
+        ids += lm.tokenizer.encode(doc.text[pos:a])
+        ans = lm.tokenizer.encode(doc.text[a:b])
+        spans.append((len(ids), len(ids) + len(ans)))
+        ids += ans
+        pos = b
+    ids += lm.tokenizer.encode(doc.text[pos:])
+    return ids, spans, ids == lm.encode(doc.text, bos=None)
+
+
+@torch.no_grad()
+def score_document(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Per answer: (tokens predicted right, tokens)."""
+    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    pred = lm.logits(x)[0].argmax(-1)  # pred[t] is the prediction of token t + 1
+    right = (pred[:-1] == x[0, 1:]).tolist()
+    return [(sum(right[s - 1:e - 1]), e - s) for s, e in spans]
+
+
+def _summary(rows: list[dict]) -> dict:
+    answers = [a for r in rows for a in r["answers"]]
+    return {
+        "documents": len(rows),
+        "answers": len(answers),
+        "exact": sum(ok == n for ok, n in answers) / max(1, len(answers)),
+        "token_acc": sum(ok for ok, _ in answers) / max(1, sum(n for _, n in answers)),
+        "doc_exact": sum(all(ok == n for ok, n in r["answers"]) for r in rows) / max(1, len(rows)),
+    }
+
+
+def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score every task of ``cfg["tasks"]``; returns (results per task, per-document records)."""
+    from tqdm.auto import tqdm
+
+    tasks = dict(cfg["tasks"])
+    if not tasks:
+        raise ValueError("retrieval.tasks is empty")
+    n_buckets = int(cfg.get("num_buckets", 4))
+    results, records = {}, []
+    for task, tc in tasks.items():
+        tc = dict(tc or {})
+        unknown = sorted(set(tc) - set(TASK_KWARGS))
+        if unknown:
+            raise ValueError(f"retrieval.tasks.{task}: unknown keys {unknown}; allowed: {list(TASK_KWARGS)}")
+        docs = documents(task, int(tc.get("num_documents", cfg.get("num_documents", 32))),
+                         int(tc.get("min_filler_chars", 0)), int(tc.get("max_filler_chars", 1000)),
+                         int(cfg.get("seed", 0)), tc.get("kwargs"))
+        rows = []
+        for doc in tqdm(docs, desc=f"retrieval/{task}", disable=not progress):
+            ids, spans, joint = tokenize(lm, doc)
+            if len(ids) > lm.max_length:
+                raise ValueError(f"a {task} document has {len(ids)} tokens, more than max_length {lm.max_length}: "
+                                 f"lower retrieval.tasks.{task}.max_filler_chars")
+            rows.append({"task": task, "tokens": len(ids), "depth": doc.depth, "joint_tokenization": joint,
+                         "answers": score_document(lm, ids, spans)})
+        res = _summary(rows)
+        res["joint_tokenization"] = sum(r["joint_tokenization"] for r in rows) / len(rows)
+        # by document length: in longer documents the source of the answer can be further back
+        order = sorted(rows, key=lambda r: r["tokens"])
+        res["by_length"] = []
+        for i in range(n_buckets):
+            part = order[len(order) * i // n_buckets: len(order) * (i + 1) // n_buckets]
+            if part:
+                res["by_length"].append({"min_tokens": part[0]["tokens"], "max_tokens": part[-1]["tokens"],
+                                         **_summary(part)})
+        results[task] = res
+        records += [{**r, "answers": [list(a) for a in r["answers"]]} for r in rows]
+    return results, records
+
+
+def results_markdown(results: Mapping) -> str:
+    rows = [[t, r["documents"], r["answers"], r["exact"], r["token_acc"], r["doc_exact"]] for t, r in results.items()]
+    md = "# Retrieval on held-out synthetic documents\n\n"
+    md += markdown_table(["task", "documents", "answers", "exact", "token acc", "doc exact"], rows, 3)
+    for t, r in results.items():
+        md += f"\n\n## {t}: by document length\n\n"
+        md += markdown_table(["tokens", "documents", "exact", "token acc"],
+                             [[f"{b['min_tokens']}-{b['max_tokens']}", b["documents"], b["exact"], b["token_acc"]]
+                              for b in r["by_length"]], 3)
+    return md + "\n"

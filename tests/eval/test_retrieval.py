@@ -1,0 +1,87 @@
+"""Retrieval on held-out synthetic documents: scoring against fakes whose accuracy is known,
+then end to end through ``python -m eval task=retrieval`` on a tiny checkpoint."""
+
+import pytest
+import torch
+
+from eval import retrieval
+
+TASKS = {"passkey": {"min_filler_chars": 0, "max_filler_chars": 200},
+         "mqar": {"min_filler_chars": 0, "max_filler_chars": 100, "kwargs": {"num_pairs": 6, "num_queries": 3}},
+         "copy": {"min_filler_chars": 20, "max_filler_chars": 80}}
+
+
+class LookAheadLM:
+    """Predicts from the true next token: ``shift`` 0 is always right, 1 always wrong; with
+    ``wrong_digits`` it is wrong exactly where the next token is a digit."""
+
+    def __init__(self, tokenizer, shift=0, wrong_digits=False):
+        self.tokenizer, self.shift, self.wrong_digits = tokenizer, shift, wrong_digits
+        self.device, self.max_length = torch.device("cpu"), 10_000
+        self.digits = {tokenizer.encode(str(d))[-1] for d in range(10)}
+
+    def encode(self, text, bos=None):
+        return [self.tokenizer.bos_id] + list(self.tokenizer.encode(text))
+
+    def logits(self, x):
+        nxt = torch.cat([x[:, 1:], x[:, -1:]], 1)
+        tgt = (nxt + self.shift) % self.tokenizer.vocab_size
+        if self.wrong_digits:
+            is_digit = torch.tensor([[int(t) in self.digits for t in row] for row in nxt])
+            tgt = torch.where(is_digit, (nxt + 1) % self.tokenizer.vocab_size, tgt)
+        return torch.nn.functional.one_hot(tgt, self.tokenizer.vocab_size).float()
+
+
+@pytest.fixture
+def tok(tiny_lm):
+    return tiny_lm.tokenizer
+
+
+def test_scores_follow_the_predictions(tok):
+    cfg = {"tasks": TASKS, "num_documents": 6, "seed": 3, "num_buckets": 2}
+    right, _ = retrieval.run_retrieval(LookAheadLM(tok), cfg, progress=False)
+    wrong, records = retrieval.run_retrieval(LookAheadLM(tok, shift=1), cfg, progress=False)
+    for t in TASKS:
+        assert right[t]["exact"] == right[t]["token_acc"] == right[t]["doc_exact"] == 1.0
+        assert wrong[t]["exact"] == wrong[t]["token_acc"] == 0.0
+        assert sum(b["documents"] for b in right[t]["by_length"]) == 6
+    assert right["mqar"]["answers"] == 6 * 3 and right["passkey"]["answers"] == 6
+    assert len(records) == 18 and {r["task"] for r in records} == set(TASKS)
+    # wrong on digits only: passkey and mqar answers are all digits, copy answers mix words and numbers
+    digits, _ = retrieval.run_retrieval(LookAheadLM(tok, wrong_digits=True), cfg, progress=False)
+    assert digits["passkey"]["token_acc"] == digits["mqar"]["token_acc"] == 0.0
+    assert 0.0 < digits["copy"]["token_acc"] < 1.0 and digits["copy"]["exact"] == 0.0
+    md = retrieval.results_markdown(right)
+    assert md.startswith("# Retrieval") and "## copy: by document length" in md
+
+
+def test_answer_tokens_are_located_exactly(tok):
+    doc = retrieval.documents("passkey", 1, 50, 50, seed=0)[0]
+    lm = LookAheadLM(tok)
+    ids, spans, _ = retrieval.tokenize(lm, doc)
+    (s, e), = spans
+    assert tok.decode(ids[s:e]) == doc.answer and ids[0] == tok.bos_id
+
+
+def test_bad_settings(tok):
+    lm = LookAheadLM(tok)
+    with pytest.raises(ValueError, match="unknown retrieval task"):
+        retrieval.run_retrieval(lm, {"tasks": {"nope": {}}}, progress=False)
+    with pytest.raises(ValueError, match="unknown keys"):
+        retrieval.run_retrieval(lm, {"tasks": {"passkey": {"depth": 1}}}, progress=False)
+    lm.max_length = 20
+    with pytest.raises(ValueError, match="max_length"):
+        retrieval.run_retrieval(lm, {"tasks": {"passkey": {}}}, progress=False)
+
+
+def test_cli_task_on_a_checkpoint(tiny_runs, tmp_path):
+    from eval.app import run_task
+    from tests.eval.test_app import check_outputs, compose
+
+    out = run_task(compose(["task=retrieval", f"checkpoint_path={tiny_runs['full']}", f"out_root={tmp_path}",
+                            "progress=false", "retrieval.num_documents=3", "retrieval.num_buckets=1",
+                            "retrieval.tasks.passkey.max_filler_chars=100", "retrieval.tasks.mqar.max_filler_chars=50",
+                            "retrieval.tasks.copy.max_filler_chars=100"]))
+    doc, rows = check_outputs(out, "retrieval", ["exact.png"])
+    assert set(doc["results"]) == {"passkey", "mqar", "copy"} and len(rows) == 9
+    assert all(0.0 <= r["exact"] <= 1.0 for r in doc["results"].values())
