@@ -9,10 +9,8 @@ true prefix would produce. Per task it reports the share of answers retrieved (`
 answer tokens predicted (``token_acc``) and of documents with every answer retrieved
 (``doc_exact``), and the same in ``num_buckets`` buckets of document length.
 
-The text is tokenised piece by piece (the text between answers, then each answer), so the
-answer tokens are known exactly; ``joint_tokenization`` is the share of documents where that
-equals tokenising the whole text, as training did (1.0 for the built-in generators and the
-repository's tokenizers).
+Documents are tokenised whole, as in training; an answer's tokens are those that overlap its
+characters (a leading-space piece such as "▁word" counts as part of the answer "word").
 """
 
 from __future__ import annotations
@@ -40,17 +38,35 @@ def documents(task: str, n: int, min_filler: int, max_filler: int, seed: int, kw
             for _ in range(n)]
 
 
-def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]], bool]:
-    """``(ids with BOS, [(first, end) token index of each answer], same as whole-text encoding)``."""
-    ids, spans, pos = lm.encode("", bos=None), [], 0
+def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(ids with BOS, [(first, end) token index of each answer])``: the whole text tokenised as
+    in training; an answer's tokens are those overlapping its characters, found by binary search
+    on the length of decoded prefixes (the tokenizers round-trip text exactly)."""
+    body = list(lm.tokenizer.encode(doc.text))
+    head = len(lm.encode("", bos=None))  # 1 with BOS, else 0
+    decoded = {}
+
+    def chars(i: int) -> int:  # characters covered by the first i tokens
+        if i not in decoded:
+            decoded[i] = len(lm.tokenizer.decode(body[:i]))
+        return decoded[i]
+
+    def first_token_reaching(c: int, strictly: bool) -> int:  # smallest i with chars(i) > c (or >= c)
+        lo, hi = 0, len(body)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if chars(mid) > c or (not strictly and chars(mid) >= c):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    spans = []
     for a, b in doc.answer_spans:
-        ids += lm.tokenizer.encode(doc.text[pos:a])
-        ans = lm.tokenizer.encode(doc.text[a:b])
-        spans.append((len(ids), len(ids) + len(ans)))
-        ids += ans
-        pos = b
-    ids += lm.tokenizer.encode(doc.text[pos:])
-    return ids, spans, ids == lm.encode(doc.text, bos=None)
+        s = first_token_reaching(a, strictly=True) - 1  # the token holding character a
+        e = first_token_reaching(b, strictly=False)  # the first tokens covering everything up to b
+        spans.append((head + s, head + e))
+    return lm.encode("", bos=None) + body, spans
 
 
 @torch.no_grad()
@@ -92,14 +108,13 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
                          int(cfg.get("seed", 0)), tc.get("kwargs"))
         rows = []
         for doc in tqdm(docs, desc=f"retrieval/{task}", disable=not progress):
-            ids, spans, joint = tokenize(lm, doc)
+            ids, spans = tokenize(lm, doc)
             if len(ids) > lm.max_length:
                 raise ValueError(f"a {task} document has {len(ids)} tokens, more than max_length {lm.max_length}: "
                                  f"lower retrieval.tasks.{task}.max_filler_chars")
-            rows.append({"task": task, "tokens": len(ids), "depth": doc.depth, "joint_tokenization": joint,
+            rows.append({"task": task, "tokens": len(ids), "depth": doc.depth,
                          "answers": score_document(lm, ids, spans)})
         res = _summary(rows)
-        res["joint_tokenization"] = sum(r["joint_tokenization"] for r in rows) / len(rows)
         # by document length: in longer documents the source of the answer can be further back
         order = sorted(rows, key=lambda r: r["tokens"])
         res["by_length"] = []

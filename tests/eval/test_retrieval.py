@@ -56,11 +56,16 @@ def test_scores_follow_the_predictions(tok):
 
 
 def test_answer_tokens_are_located_exactly(tok):
-    doc = retrieval.documents("passkey", 1, 50, 50, seed=0)[0]
+    """Whole-text tokens, and exactly the answer's: decoding them gives the answer (up to the
+    leading space a piece may carry), and the tokens around it are not part of it."""
     lm = LookAheadLM(tok)
-    ids, spans, _ = retrieval.tokenize(lm, doc)
-    (s, e), = spans
-    assert tok.decode(ids[s:e]) == doc.answer and ids[0] == tok.bos_id
+    for task, n_answers in (("passkey", 1), ("copy", 1), ("mqar", 3)):
+        for doc in retrieval.documents(task, 4, 20, 80, seed=1, kwargs=TASKS[task].get("kwargs")):
+            ids, spans = retrieval.tokenize(lm, doc)
+            assert ids == lm.encode(doc.text) and ids[0] == tok.bos_id and len(spans) == n_answers
+            for (s, e), ans in zip(spans, doc.answers, strict=True):
+                assert tok.decode(ids[s:e]).strip() == ans
+                assert ans not in tok.decode(ids[s + 1:e]) and ans not in tok.decode(ids[s:e - 1])
 
 
 def test_bad_settings(tok):
