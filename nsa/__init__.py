@@ -70,6 +70,18 @@ def compressed_attention(
     )
 
 
+def _check_selection_inputs(q, k_cmp, v_cmp, block_len, stride, select_len, num_select, num_init, num_local, scale,
+                            cu_seqlens) -> None:
+    """The checks :func:`select_blocks` and :func:`compressed_attention_and_select` share
+    (``v_cmp`` may be None)."""
+    _c.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    _c.check_block_params(block_len, stride, select_len)
+    _c.check_selection_params(num_select, num_init, num_local)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+
+
 def select_blocks(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -93,12 +105,8 @@ def select_blocks(
     ``[B,T,Hkv,num_select]``, ascending, ``-1`` padding last. ``lse [B,T,H]`` (optional) is
     ``compressed_attention``'s, reused to recover probabilities; the result is the same.
     """
-    _c.check_qkv(q, k_cmp, None, "k_cmp")
-    _c.check_block_params(block_len, stride, select_len)
-    _c.check_selection_params(num_select, num_init, num_local)
-    _c.check_scale(scale)
-    _c.check_cu_seqlens(cu_seqlens, q)
-    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+    _check_selection_inputs(q, k_cmp, None, block_len, stride, select_len, num_select, num_init, num_local, scale,
+                            cu_seqlens)
     _c.check_lse(q, lse)
     fn = _c.backend_fn("select_blocks", _c.resolve_backend(backend, q))
     return fn(
@@ -196,12 +204,8 @@ def compressed_attention_and_select(
     two calls (the probabilities are rounded differently, so blocks whose scores tie to the
     last bit may differ, as they may between backends). Only ``o`` and ``lse`` carry gradients.
     """
-    _c.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
-    _c.check_block_params(block_len, stride, select_len)
-    _c.check_selection_params(num_select, num_init, num_local)
-    _c.check_scale(scale)
-    _c.check_cu_seqlens(cu_seqlens, q)
-    _c.check_compressed_len(q, k_cmp, block_len, stride, cu_seqlens)
+    _check_selection_inputs(q, k_cmp, v_cmp, block_len, stride, select_len, num_select, num_init, num_local, scale,
+                            cu_seqlens)
     fn = _c.backend_fn("select_blocks", _c.resolve_backend(backend, q), "compressed_attention_and_select")
     return fn(
         q,
