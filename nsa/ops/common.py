@@ -278,8 +278,9 @@ class ChunkedAttention(torch.autograd.Function):
     ``o [B,T,H,Dv]`` (input dtype), ``lse [B,T,H]`` (float32, float64 for float64 input).
 
     ``on_probs(q0, q1, k0, k1, p)``, if given, receives each chunk's softmax probabilities
-    ``p [B, Hkv, C, G, k1-k0]`` (0 on hidden keys) during the forward, so that a consumer
-    such as block selection can reuse them instead of recomputing the scores.
+    ``p [B, Hkv, C, G, k1-k0]`` (0 on hidden keys; no columns for a chunk without keys) during
+    the forward, so that a consumer such as block selection can reuse them instead of
+    recomputing the scores.
     """
 
     @staticmethod
@@ -289,6 +290,10 @@ class ChunkedAttention(torch.autograd.Function):
         B, _, T, G, _ = qs.shape
         o = qs.new_zeros(B, Hkv, T, G, vh.shape[-1])
         lse = qs.new_full((B, Hkv, T, G), float("-inf"))
+        if on_probs is not None:  # chunks without keys still reach the consumer, with no columns
+            for q0, q1, k0, k1 in plan:
+                if k1 <= k0:
+                    on_probs(q0, q1, k0, k0, o.new_zeros(B, Hkv, q1 - q0, G, 0))
         plan = [(q0, q1, k0, k1) for q0, q1, k0, k1 in plan if k1 > k0]  # no keys: o = 0, lse = -inf
         for q0, q1, k0, k1 in plan:
             e = masked_scores(qs, kh, q0, q1, k0, k1, mask_fn)  # [B, Hkv, C, G, S]

@@ -38,7 +38,6 @@ from nsa.ops.common import (
 from nsa.ops.compressed_attention.reference import (
     compressed_attention_dense,
     compressed_mask,
-    compressed_plan,
     visible_blocks,
 )
 
@@ -110,18 +109,15 @@ def blocks_from_probs(P, q0, q1, block_len, stride, select_len, num_select, num_
 def _compressed_and_select_dense(q, k_cmp, v_cmp, block_len, stride, select_len, num_select, num_init,
                                  num_local, scale):
     """Compressed attention whose forward also selects the blocks from its own probabilities."""
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     Hkv = k_cmp.shape[2]
     sel = (block_len, stride, select_len, num_select, num_init, num_local)
     out = torch.full((B, Hkv, T, num_select), -1, dtype=torch.int64, device=q.device)
 
-    def on_probs(q0, q1, k0, k1, p):  # p [B, Hkv, C, G, k1]: the compressed softmax of the chunk
+    def on_probs(q0, q1, k0, k1, p):  # p [B, Hkv, C, G, k1]: the chunk's compressed softmax (k1 may be 0)
         out[:, :, q0:q1] = blocks_from_probs(p.sum(3), q0, q1, *sel)
 
     o, lse = compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale, on_probs)
-    for q0, q1, _, k1 in compressed_plan(T, k_cmp.shape[1], H, block_len, stride):
-        if k1 == 0:  # the attention skips chunks that see no block: only forced blocks there
-            out[:, :, q0:q1] = blocks_from_probs(q.new_zeros(B, Hkv, q1 - q0, 0, dtype=lse.dtype), q0, q1, *sel)
     return o, lse, out.permute(0, 2, 1, 3).to(torch.int32).contiguous()
 
 
