@@ -245,7 +245,7 @@ def neg_inf_safe(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
 
 
-# ----------------------------------------------------------------------------- chunked dense attention
+# ----------------------------------------------------------------------------- layouts and varlen
 
 
 def to_groups(x: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -263,108 +263,6 @@ def from_groups(x: torch.Tensor) -> torch.Tensor:
 def to_kv_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, S, Hkv, D]`` -> contiguous ``[B, Hkv, S, D]`` in ``dtype``."""
     return x.permute(0, 2, 1, 3).to(dtype).contiguous()
-
-
-class ChunkedAttention(torch.autograd.Function):
-    """Masked softmax attention computed one query chunk at a time, recomputed in backward.
-
-    ``plan`` is a list of ``(q0, q1, k0, k1)``: queries ``[q0, q1)`` attend to keys
-    ``[k0, k1)`` under ``mask_fn(q0, q1, k0, k1) -> bool [q1-q0, k1-k0]`` (True = visible),
-    shared by all heads. Only one ``[chunk*H, k1-k0]`` score block exists at a time, and only
-    ``o`` and ``lse`` are kept for backward (flash-attention style), so memory stays linear
-    in T. Rows with no visible key get ``o = 0``, ``lse = -inf`` and zero gradients.
-
-    Shapes: ``q [B,T,H,Dk]``, ``k [B,S,Hkv,Dk]``, ``v [B,S,Hkv,Dv]`` ->
-    ``o [B,T,H,Dv]`` (input dtype), ``lse [B,T,H]`` (float32, float64 for float64 input).
-
-    ``on_probs(q0, q1, k0, k1, p)``, if given, receives each chunk's softmax probabilities
-    ``p [B, Hkv, C, G, k1-k0]`` (0 on hidden keys; no columns for a chunk without keys) during
-    the forward, so that a consumer such as block selection can reuse them instead of
-    recomputing the scores.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, plan, mask_fn, on_probs=None):
-        acc, Hkv = acc_dtype(q.dtype), k.shape[2]
-        qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
-        B, _, T, G, _ = qs.shape
-        o = qs.new_zeros(B, Hkv, T, G, vh.shape[-1])
-        lse = qs.new_full((B, Hkv, T, G), float("-inf"))
-        if on_probs is not None:  # chunks without keys still reach the consumer, with no columns
-            for q0, q1, k0, k1 in plan:
-                if k1 <= k0:
-                    on_probs(q0, q1, k0, k0, o.new_zeros(B, Hkv, q1 - q0, G, 0))
-        plan = [(q0, q1, k0, k1) for q0, q1, k0, k1 in plan if k1 > k0]  # no keys: o = 0, lse = -inf
-        for q0, q1, k0, k1 in plan:
-            e = masked_scores(qs, kh, q0, q1, k0, k1, mask_fn)  # [B, Hkv, C, G, S]
-            m = neg_inf_safe(e.amax(-1, keepdim=True))
-            e = e.sub_(m).exp_()
-            denom = e.sum(-1)  # 0 exactly when no key is visible
-            o_c = (e.view(B, Hkv, -1, k1 - k0) @ vh[:, :, k0:k1]).view(B, Hkv, q1 - q0, G, -1)
-            denom_safe = torch.where(denom > 0, denom, 1.0)[..., None]
-            o[:, :, q0:q1] = o_c / denom_safe
-            lse[:, :, q0:q1] = m[..., 0] + torch.log(denom)
-            if on_probs is not None:
-                on_probs(q0, q1, k0, k1, e.div_(denom_safe))
-        out = from_groups(o).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)  # the returned o, not a second copy
-        ctx.scale, ctx.plan, ctx.mask_fn = scale, plan, mask_fn
-        ctx.set_materialize_grads(False)
-        return out, lse.permute(0, 2, 1, 3).reshape(B, T, Hkv * G)
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        acc, Hkv, scale = lse.dtype, k.shape[2], ctx.scale
-        qs, kh, vh = to_groups(q, Hkv, acc) * scale, to_kv_heads(k, acc), to_kv_heads(v, acc)
-        B, _, T, G, Dk = qs.shape
-        if do is None:
-            dog, delta = qs.new_zeros(B, Hkv, T, G, v.shape[-1]), torch.zeros_like(lse)
-        else:  # dS = P * (dP - delta + dlse), delta = rowsum(dO * O)
-            dog = to_groups(do, Hkv, acc)
-            delta = to_groups((do.to(acc) * out.to(acc)).sum(-1, keepdim=True), Hkv, acc)[..., 0]
-        if dlse is not None:
-            delta -= to_groups(dlse[..., None], Hkv, acc)[..., 0]
-        lse = neg_inf_safe(lse)
-        dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kh), torch.zeros_like(vh)
-        for q0, q1, k0, k1 in ctx.plan:
-            C, S = q1 - q0, k1 - k0
-            p = masked_scores(qs, kh, q0, q1, k0, k1, ctx.mask_fn).sub_(lse[:, :, q0:q1, :, None]).exp_()
-            p = p.view(B, Hkv, C * G, S)
-            do_c = dog[:, :, q0:q1].reshape(B, Hkv, C * G, -1)
-            dv[:, :, k0:k1] += p.transpose(-1, -2) @ do_c
-            ds = (do_c @ vh[:, :, k0:k1].transpose(-1, -2)).view(B, Hkv, C, G, S)
-            ds = ds.sub_(delta[:, :, q0:q1, :, None]).view(B, Hkv, C * G, S).mul_(p)
-            dq[:, :, q0:q1] = (ds @ kh[:, :, k0:k1]).view(B, Hkv, C, G, Dk)
-            dk[:, :, k0:k1] += ds.transpose(-1, -2) @ qs[:, :, q0:q1].reshape(B, Hkv, C * G, Dk)
-        dk, dv = dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
-        return from_groups(dq * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
-
-
-def masked_scores(qs, kh, q0, q1, k0, k1, mask_fn):
-    """Scores ``[B, Hkv, C, G, S]`` of pre-scaled queries ``qs[:, :, q0:q1]`` (``[B,Hkv,T,G,Dk]``)
-    against keys ``kh[:, :, k0:k1]`` (``[B,Hkv,S,Dk]``), ``-inf`` where ``mask_fn`` hides the key.
-
-    Columns visible to every query of the chunk (the middle of a window, the early compressed
-    blocks) are left alone; only the columns before and after that run are masked.
-    """
-    B, Hkv, _, G, Dk = qs.shape
-    C, S = q1 - q0, k1 - k0
-    s = (qs[:, :, q0:q1].reshape(B, Hkv, C * G, Dk) @ kh[:, :, k0:k1].transpose(-1, -2)).view(B, Hkv, C, G, S)
-    mask = mask_fn(q0, q1, k0, k1)
-    full = mask.all(0).nonzero()
-    a, b = (int(full[0]), int(full[-1]) + 1) if full.numel() else (S, S)
-    if full.numel() and not mask[:, a:b].all():
-        a, b = S, S  # the fully visible columns are not one run: mask everything
-    for lo, hi in ((0, a), (b, S)):
-        if hi > lo:
-            s[..., lo:hi].masked_fill_(~mask[:, None, lo:hi], float("-inf"))
-    return s
-
-
-def chunked_attention(q, k, v, scale: float, plan, mask_fn, on_probs=None):
-    """Functional form of :class:`ChunkedAttention`; returns ``(o, lse)``."""
-    return ChunkedAttention.apply(q, k, v, scale, plan, mask_fn, on_probs)
 
 
 def per_document(fn, cu_seqlens, *packed, cmp_cu_seqlens=None, cmp_index=()):

@@ -63,16 +63,19 @@ def _run_all(case, dtype, cu=None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+@pytest.mark.usefixtures("chunk_sizes")
 def test_attention_float32_matches_brute_force(case):
     _run_all(case, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_attention_low_precision_and_float64(dtype):
     _run_all(CASES[3], dtype)
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[str(c[-1]) for c in VARLEN])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_attention_varlen_matches_brute_force(case):
     """The brute force masks documents globally, so any leak across documents shows."""
     H, Hkv, Dk, Dv, l, d, ls, n, w, cu = case
@@ -90,6 +93,7 @@ def test_selected_all_invalid_gives_zero():
     assert (o[:, :40] == 0).all() and (o[:, 40:].abs().sum((-1, -2)) > 0).all()
 
 
+@pytest.mark.usefixtures("chunk_sizes")
 def test_no_visible_block_has_zero_finite_gradients():
     """Queries before the first complete compressed block: o = 0, lse = -inf, gradients 0, no NaN."""
     q, _, _, kc, vc = bf.make_inputs(1, 40, 4, 2, 8, 8, 16, 8, dtype=torch.float64)

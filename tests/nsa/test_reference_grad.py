@@ -26,6 +26,7 @@ def _inputs(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["dense", "varlen"])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_gradcheck(shape):
     (q, k, v, kc, vc), idx, cu = _inputs(shape)
     _, _, _, _, _, _, l, d, ls, _, w, _ = shape
@@ -48,6 +49,7 @@ def test_gradcheck(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["dense", "varlen"])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_gradients_match_brute_force(shape):
     (q, k, v, kc, vc), idx, cu = _inputs(shape)
     _, _, _, _, Dk, _, l, d, ls, _, w, _ = shape
@@ -80,6 +82,7 @@ def test_gradients_match_brute_force(shape):
         assert bf.relerr(a, b) < 1e-10, name
 
 
+@pytest.mark.usefixtures("chunk_sizes")
 def test_low_precision_gradients_close_to_float64():
     """bf16/f16 inputs: gradients come back in the input dtype, close to the float64 ones
     computed from the same rounded inputs (output rounding: 3e-2 for bf16, 4e-3 for f16)."""

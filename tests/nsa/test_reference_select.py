@@ -42,6 +42,7 @@ def _brute(q, kc, case, cu=None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[1]}G{c[2] // c[3]}l{c[5]}d{c[6]}ls{c[7]}" for c in CASES])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_select_float64_equals_brute_force(case):
     """In float64 both sides compute the same scores, so the indices must agree exactly."""
     B, T, H, Hkv, Dk, l, d = case[:7]
@@ -55,6 +56,7 @@ def test_select_float64_equals_brute_force(case):
     assert torch.equal(_select(q, kc, case, lse=lse), idx)
 
 
+@pytest.mark.usefixtures("chunk_sizes")
 def test_select_varlen_float64_equals_brute_force():
     case = (1, 200, 4, 2, 8, 16, 8, 32, 4, 1, 2)
     cu = torch.tensor([0, 7, 100, 100, 140, 200], dtype=torch.int32)
@@ -137,6 +139,7 @@ def _fused(q, kc, vc, case, cu=None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[1]}G{c[2] // c[3]}l{c[5]}d{c[6]}ls{c[7]}" for c in CASES])
+@pytest.mark.usefixtures("chunk_sizes")
 def test_fused_compressed_and_select_equals_separate_calls(case):
     """The layer's one-pass path: same blocks as the brute force, same o/lse and gradients as
     compressed_attention (float64, so scores tie only where the spec makes them tie)."""
@@ -154,6 +157,7 @@ def test_fused_compressed_and_select_equals_separate_calls(case):
     assert all(torch.equal(a, b) for a, b in zip(g, g_ref, strict=True))
 
 
+@pytest.mark.usefixtures("chunk_sizes")
 def test_fused_compressed_and_select_varlen():
     case = (1, 200, 4, 2, 8, 16, 8, 32, 4, 1, 2)
     cu = torch.tensor([0, 7, 100, 100, 140, 200], dtype=torch.int32)

@@ -2,7 +2,7 @@
 
 Compressed block ``i`` covers tokens ``[i*d, i*d + l)`` and is visible to query ``t`` iff
 ``i*d + l - 1 <= t`` (NSA_SPEC.md). Method: flash-attention-style chunks over queries
-(:class:`nsa.ops.common.ChunkedAttention`). A chunk ``[q0, q1)`` scores its queries only
+(:class:`nsa.ops.chunked.ChunkedAttention`). A chunk ``[q0, q1)`` scores its queries only
 against the blocks visible to its last query, masks the rest per token, and keeps ``o`` and
 ``lse``; backward recomputes the chunk's probabilities from ``lse``. Nothing of size
 ``[T, Nc]`` is ever held, so memory is linear in ``T``. Queries that see no block get
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from nsa.ops.chunked import chunked_attention
 from nsa.ops.common import (
     chunk_ranges,
     chunk_size,
-    chunked_attention,
     compressed_cu_seqlens,
     num_compressed,
     per_document,
@@ -49,7 +49,7 @@ def compressed_mask(block_len: int, stride: int, device):
 
 
 def compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale, on_probs=None):
-    """One sequence (no ``cu_seqlens``); ``on_probs`` as in :class:`nsa.ops.common.ChunkedAttention`."""
+    """One sequence (no ``cu_seqlens``); ``on_probs`` as in :class:`nsa.ops.chunked.ChunkedAttention`."""
     plan = compressed_plan(q.shape[1], k_cmp.shape[1], q.shape[2], block_len, stride)
     return chunked_attention(q, k_cmp, v_cmp, scale, plan, compressed_mask(block_len, stride, q.device), on_probs)
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nsa.ops.chunked import masked_scores
 from nsa.ops.common import (
     acc_dtype,
     chunk_ranges,
     chunk_size,
     compressed_cu_seqlens,
-    masked_scores,
     neg_inf_safe,
     num_select_blocks,
     per_document,

@@ -1,7 +1,7 @@
 """PyTorch reference for the sliding-window branch.
 
 Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md). Method:
-flash-attention-style query chunks (:class:`nsa.ops.common.ChunkedAttention`); chunk
+flash-attention-style query chunks (:class:`nsa.ops.chunked.ChunkedAttention`); chunk
 ``[q0, q1)`` only reads keys ``[q0 - w + 1, q1)`` and masks the band per token, so the work
 is ``O(T * (w + chunk))`` and memory ``O(chunk * (w + chunk))`` per step. The chunk is
 kept near ``w / 4`` so the masked-out corners waste little of each score block.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from nsa.ops.common import chunk_ranges, chunk_size, chunked_attention, per_document, resolve_scale
+from nsa.ops.chunked import chunked_attention
+from nsa.ops.common import chunk_ranges, chunk_size, per_document, resolve_scale
 
 
 def window_plan(T: int, num_heads: int, window: int):
