@@ -1,7 +1,7 @@
 """NSA (all three branches) vs full causal attention: time and peak memory, side by side.
 
     python -m bench.attention --device cpu [--seqlens 4096 8192 16384 32768] [--repeats 1]
-                              [--threads N] [--out outputs/bench/attention_cpu.json]
+                              [--threads N] [--breakdown] [--out outputs/bench/attention_cpu.json]
 
 Shapes: B = 1, H = 16, Hkv = 2, D = 64, float32 on CPU; NSA with the paper's blocks
 (l=32, d=16, l'=64, n=16, w=512). Per sequence length it measures
@@ -17,6 +17,9 @@ forward (with autograd recording, as in training) and forward+backward (``out.su
 reporting the best of ``--repeats`` wall times, the process CPU time, and the peak memory
 (rise of the resident set during the call, see ``bench.common.measure``). Each method and
 length runs in a fresh subprocess, so one method's freed memory cannot hide the other's.
+``--breakdown`` adds, in one more subprocess per length, the forward and backward time of each
+NSA stage on its own (compression, compressed attention + selection, selected attention,
+sliding window), to show where the time goes.
 Inputs are random, so the selection is spread over the whole context (no locality). The
 JSON is rewritten after each length.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import best_of, fmt, print_table, write_json
+from bench.common import best_of, fmt, measure, print_table, write_json
 
 SHAPE = dict(heads=16, kv_heads=2, head_dim=64)
 NSA_BLOCKS = dict(block_len=32, stride=16, select_len=64, num_select=16, window=512)
@@ -51,6 +54,35 @@ def nsa_forward(q, k, v, block_len, stride, select_len, num_select, window):
     return o_cmp + o_slc + o_win
 
 
+def nsa_stages(q, k, v, block_len, stride, select_len, num_select, window, device) -> dict:
+    """Forward and backward wall time of each stage of :func:`nsa_forward`, each stage on its own
+    leaf copies of its inputs (so a backward covers that stage only): ``{stage: {"fwd", "bwd"}}``."""
+    import nsa
+
+    def leaf(x):
+        return x.detach().requires_grad_(True)
+
+    def timed(fwd):
+        box = {}
+        fwd_m = measure(lambda: box.update(out=fwd()), device)
+        outs = box["out"] if isinstance(box["out"], tuple) else (box["out"],)
+        loss = sum(o.float().sum() for o in outs if o.requires_grad)
+        return box["out"], {"fwd": fwd_m["wall_s"], "bwd": measure(loss.backward, device)["wall_s"]}
+
+    stages = {}
+    kl, vl = leaf(k), leaf(v)
+    (k_cmp, v_cmp), stages["compression"] = timed(
+        lambda: (kl.unfold(1, block_len, stride).mean(-1), vl.unfold(1, block_len, stride).mean(-1))
+    )
+    blk = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select)
+    (_, _, idx), stages["compressed+select"] = timed(
+        lambda: nsa.compressed_attention_and_select(leaf(q), leaf(k_cmp), leaf(v_cmp), **blk)
+    )
+    _, stages["selected"] = timed(lambda: nsa.selected_attention(leaf(q), leaf(k), leaf(v), idx, select_len=select_len))
+    _, stages["window"] = timed(lambda: nsa.sliding_window_attention(leaf(q), leaf(k), leaf(v), window=window))
+    return stages
+
+
 def sdpa_forward(q, k, v):
     """Full causal attention through SDPA (K/V repeated to all heads)."""
     G = q.shape[2] // k.shape[2]
@@ -64,6 +96,8 @@ def run_case(method: str, T: int, repeats: int, device: str, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     H, Hkv, D = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
     q, k, v = (torch.randn(1, T, h, D, generator=g).to(device).requires_grad_(True) for h in (H, Hkv, Hkv))
+    if method == "nsa_stages":
+        return {"method": method, "seqlen": T, "stages": nsa_stages(q, k, v, **NSA_BLOCKS, device=device)}
     fwd = (lambda: nsa_forward(q, k, v, **NSA_BLOCKS)) if method == "nsa" else (lambda: sdpa_forward(q, k, v))
 
     def fwd_bwd():
@@ -100,7 +134,7 @@ def summarize(results: list[dict]) -> list[dict]:
     rows = []
     for T in sorted({r["seqlen"] for r in results}):
         by = {r["method"]: r for r in results if r["seqlen"] == T and "error" not in r}
-        if set(by) != {"nsa", "sdpa"}:
+        if not {"nsa", "sdpa"} <= set(by):
             continue
         row = {"seqlen": T}
         for phase in ("fwd", "fwd_bwd"):
@@ -139,14 +173,28 @@ def print_summary(rows: list[dict], title: str) -> None:
     print_table(title + ": peak memory (RSS rise during the call)", cols, table)
 
 
+def print_stages(results: list[dict], title: str) -> None:
+    """Per length and NSA stage: forward, backward and their share of the stages' total."""
+    table = []
+    for r in sorted((r for r in results if r.get("method") == "nsa_stages" and "error" not in r),
+                    key=lambda r: r["seqlen"]):
+        total = sum(st["fwd"] + st["bwd"] for st in r["stages"].values())
+        for name, st in r["stages"].items():
+            share = 100 * (st["fwd"] + st["bwd"]) / total if total else None
+            table.append([r["seqlen"], name, fmt(st["fwd"]), fmt(st["bwd"]), fmt(share, ".0f") + "%"])
+    if table:
+        print_table(title + ": NSA stages, each on its own (s)", ["T", "stage", "fwd", "bwd", "share of fwd+bwd"], table)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--repeats", type=int, default=1, help="runs per measurement; the best is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--breakdown", action="store_true", help="also time each NSA stage on its own")
     p.add_argument("--out", default=None, help="JSON path (default outputs/bench/attention_<device>.json)")
-    p.add_argument("--child", choices=["nsa", "sdpa"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["nsa", "sdpa", "nsa_stages"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if any(T < NSA_BLOCKS["block_len"] for T in args.seqlens):
         p.error(f"--seqlens must be >= block_len ({NSA_BLOCKS['block_len']})")
@@ -165,7 +213,7 @@ def main(argv=None) -> int:
     out = Path(args.out or f"outputs/bench/attention_{torch.device(args.device).type}.json")
     results = []
     for T in args.seqlens:
-        for method in ("nsa", "sdpa"):
+        for method in ("nsa", "sdpa") + (("nsa_stages",) if args.breakdown else ()):
             r = run_in_subprocess(method, T, args)
             if "error" in r:
                 print(f"T={T} {method}: failed\n{r['error']}", file=sys.stderr)
@@ -178,6 +226,7 @@ def main(argv=None) -> int:
         f"{args.device}, {torch.get_num_threads()} thread(s), best of {args.repeats}"
     )
     print_summary(summarize(results), title)
+    print_stages(results, title)
     print(f"wrote {out}")
     return 0 if all("error" not in r for r in results) else 1
 
