@@ -25,10 +25,12 @@ class ChunkedAttention(torch.autograd.Function):
     Shapes: ``q [B,T,H,Dk]``, ``k [B,S,Hkv,Dk]``, ``v [B,S,Hkv,Dv]`` ->
     ``o [B,T,H,Dv]`` (input dtype), ``lse [B,T,H]`` (float32, float64 for float64 input).
 
-    ``on_probs(q0, q1, k0, k1, p)``, if given, receives each chunk's softmax probabilities
-    ``p [B, Hkv, C, G, k1-k0]`` (0 on hidden keys; no columns for a chunk without keys) during
-    the forward, so that a consumer such as block selection can reuse them instead of
-    recomputing the scores.
+    ``on_probs(q0, q1, k0, k1, e, inv_denom)``, if given, receives each chunk's softmax
+    probabilities during the forward, factored as ``p = e * inv_denom[..., None]`` with
+    ``e [B, Hkv, C, G, k1-k0]`` (``exp(s - max)``, 0 on hidden keys; no columns for a chunk
+    without keys) and ``inv_denom [B, Hkv, C, G]``, so that a consumer such as block selection
+    can reuse them instead of recomputing the scores, and can weight and reduce them (a sum
+    over the heads of a group) in one pass.
     """
 
     @staticmethod
@@ -41,7 +43,7 @@ class ChunkedAttention(torch.autograd.Function):
         if on_probs is not None:  # chunks without keys still reach the consumer, with no columns
             for q0, q1, k0, k1 in plan:
                 if k1 <= k0:
-                    on_probs(q0, q1, k0, k0, o.new_zeros(B, Hkv, q1 - q0, G, 0))
+                    on_probs(q0, q1, k0, k0, o.new_zeros(B, Hkv, q1 - q0, G, 0), o.new_ones(B, Hkv, q1 - q0, G))
         plan = [(q0, q1, k0, k1) for q0, q1, k0, k1 in plan if k1 > k0]  # no keys: o = 0, lse = -inf
         for q0, q1, k0, k1 in plan:
             e = masked_scores(qs, kh, q0, q1, k0, k1, mask_fn)  # [B, Hkv, C, G, S]
@@ -53,7 +55,7 @@ class ChunkedAttention(torch.autograd.Function):
             o[:, :, q0:q1] = o_c / denom_safe
             lse[:, :, q0:q1] = m[..., 0] + torch.log(denom)
             if on_probs is not None:
-                on_probs(q0, q1, k0, k1, e.div_(denom_safe))
+                on_probs(q0, q1, k0, k1, e, denom_safe[..., 0].reciprocal())
         out = from_groups(o).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)  # the returned o, not a second copy
         ctx.scale, ctx.plan, ctx.mask_fn = scale, plan, mask_fn

@@ -15,7 +15,6 @@ import torch
 
 from nsa.ops.chunked import chunked_attention
 from nsa.ops.common import (
-    chunk_ranges,
     chunk_size,
     compressed_cu_seqlens,
     num_compressed,
@@ -30,11 +29,30 @@ def visible_blocks(t_last: int, block_len: int, stride: int) -> int:
 
 
 def compressed_plan(T: int, Nc: int, num_heads: int, block_len: int, stride: int):
-    """Query chunks ``(q0, q1, 0, k1)`` with ``k1`` the blocks visible to query ``q1 - 1``."""
-    chunk = chunk_size(num_heads, Nc, multiple=stride)
-    return [
-        (q0, q1, 0, min(Nc, visible_blocks(q1 - 1, block_len, stride))) for q0, q1 in chunk_ranges(T, chunk)
-    ]
+    """Query chunks ``(q0, q1, 0, k1)`` with ``k1`` the blocks visible to query ``q1 - 1``.
+
+    Each chunk is the longest run of queries (a multiple of ``stride``, at least one stride)
+    whose ``[chunk * H, k1]`` score block fits the budget of :func:`nsa.ops.common.chunk_size`,
+    so early chunks, which see few blocks, hold more queries: about half as many chunks (and
+    per-chunk overheads) as one size for all."""
+
+    def k1(q1):
+        return min(Nc, visible_blocks(q1 - 1, block_len, stride))
+
+    plan, q0 = [], 0
+    while q0 < T:
+        lo, hi = 1, -(-(T - q0) // stride)  # chunk = n * stride queries, n in [lo, hi]
+        while lo < hi:  # the largest n that fits (k1 grows with the chunk, so fitting is monotone)
+            n = (lo + hi + 1) // 2
+            q1 = min(T, q0 + n * stride)
+            if n * stride <= chunk_size(num_heads, max(1, k1(q1)), multiple=stride):
+                lo = n
+            else:
+                hi = n - 1
+        q1 = min(T, q0 + lo * stride)
+        plan.append((q0, q1, 0, k1(q1)))
+        q0 = q1
+    return plan
 
 
 def compressed_mask(block_len: int, stride: int, device):

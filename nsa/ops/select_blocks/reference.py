@@ -114,8 +114,9 @@ def _compressed_and_select_dense(q, k_cmp, v_cmp, block_len, stride, select_len,
     sel = (block_len, stride, select_len, num_select, num_init, num_local)
     out = torch.full((B, Hkv, T, num_select), -1, dtype=torch.int64, device=q.device)
 
-    def on_probs(q0, q1, k0, k1, p):  # p [B, Hkv, C, G, k1]: the chunk's compressed softmax (k1 may be 0)
-        out[:, :, q0:q1] = blocks_from_probs(p.sum(3), q0, q1, *sel)
+    def on_probs(q0, q1, k0, k1, e, inv_denom):  # the chunk's compressed softmax p = e * inv_denom (k1 may be 0)
+        P = (inv_denom[..., None, :] @ e)[..., 0, :]  # group sum of p: [B, Hkv, C, k1]
+        out[:, :, q0:q1] = blocks_from_probs(P, q0, q1, *sel)
 
     o, lse = compressed_attention_dense(q, k_cmp, v_cmp, block_len, stride, scale, on_probs)
     return o, lse, out.permute(0, 2, 1, 3).to(torch.int32).contiguous()
