@@ -4,20 +4,28 @@ Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md).
 flash-attention-style query chunks (:class:`nsa.ops.chunked.ChunkedAttention`); chunk
 ``[q0, q1)`` only reads keys ``[q0 - w + 1, q1)`` and masks the band per token, so the work
 is ``O(T * (w + chunk))`` and memory ``O(chunk * (w + chunk))`` per step. The chunk is
-kept near ``w / 4`` so the masked-out corners waste little of each score block.
+kept near ``w / 8`` so the masked-out corners waste little of each score block.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nsa.ops import common
 from nsa.ops.chunked import chunked_attention
 from nsa.ops.common import chunk_ranges, chunk_size, per_document, resolve_scale
 
 
 def window_plan(T: int, num_heads: int, window: int):
-    """Query chunks ``(q0, q1, max(0, q0 - w + 1), q1)``."""
-    chunk = min(max(16, window // 4), chunk_size(num_heads, window))
+    """Query chunks ``(q0, q1, max(0, q0 - w + 1), q1)``.
+
+    A chunk of ``C`` queries scores ``C + w - 1`` keys for ``w`` useful ones, so ``C`` stays
+    near ``w / 8`` (a wasted eighth), but large enough that each chunk scores at least
+    ``SCORE_BUDGET / 32`` elements (per-chunk overheads) and small enough for the budget.
+    Measured on one core: ``w = 512``, H = 16: 64 queries (3.6 s fwd+bwd at 32k) against
+    128 (3.9 s); ``w = 128``, H = 4, T = 2k: 64 (25 ms) against 16 (41 ms)."""
+    least = chunk_size(num_heads, window, common.SCORE_BUDGET // 32)
+    chunk = min(max(16, window // 8, least), chunk_size(num_heads, window))
     return [(q0, q1, max(0, q0 - window + 1), q1) for q0, q1 in chunk_ranges(T, chunk)]
 
 
