@@ -12,7 +12,8 @@
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
 # concurrently so that they reach the same step at about the same time; the NSA run prepares the
-# mixture's shards first (the full run starts once they exist). Logs: outputs/compare_small/*.log.
+# mixture's shards first (the full run starts once the NSA run has logged its first step).
+# Logs: outputs/compare_small/*.log.
 # Environment: PYTHON, COMPARE_OVERRIDES (extra `python -m train` overrides for both runs),
 # COMPARE_THREADS (OpenMP threads per training run, default 1), COMPARE_PUBLISH (see the end).
 set -euo pipefail
@@ -25,7 +26,6 @@ RUNS=(nsa full)
 read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
 echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
-DATA=outputs/data/passkey_mix-bpe4096
 
 _any_alive() {
     local p
@@ -33,17 +33,23 @@ _any_alive() {
     return 1
 }
 
-# train_both: both runs at once (one OpenMP thread each on a CPU); prints their steps every minute.
+# train_both THREADS [OVERRIDE...]: both runs at once (THREADS OpenMP threads each on a CPU) with the
+# same extra `python -m train` overrides; prints their steps every minute. Its arguments are part of
+# the stage's stamp, so a run with other overrides (a smoke test) is never taken for this one.
 train_both() {
-    local pids=() a rc=0 t=0
-    local threads=${COMPARE_THREADS:-1}
+    local threads=$1
+    shift
+    local pids=() a rc=0 t=0 t0 first=outputs/runs/$NAME-${RUNS[0]}/metrics.jsonl
+    t0=$(date +%s)
     for a in "${RUNS[@]}"; do
-        OMP_NUM_THREADS=$threads "$PY" -m train experiment=$NAME attention="$a" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}" \
+        OMP_NUM_THREADS=$threads "$PY" -m train experiment=$NAME attention="$a" "$@" \
             >"$OUT/train-$a.log" 2>&1 &
         pids+=($!)
-        # the first run tokenises the mixture; the second waits for its shards (or for its failure)
-        while [[ ! -f $DATA/meta.json ]] && kill -0 "${pids[0]}" 2>/dev/null; do sleep 1; done
-        [[ -f $DATA/meta.json ]] || break
+        # the first run prepares the data (if needed); the others start once it has logged a step
+        # (its shards are complete then) or has exited, so that no two runs write the shards at once
+        while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]]; do
+            sleep 1
+        done
     done
     while _any_alive "${pids[@]}"; do
         sleep 1
@@ -69,15 +75,17 @@ stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.ya
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
 exports=""
 for a in "${RUNS[@]}"; do exports+=" outputs/runs/$NAME-$a/export/model.safetensors"; done
-stage 2 train "$exports" "configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml" -- train_both
+TRAIN_CONFIGS="configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
+TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml"
+stage 2 train "$exports" "$TRAIN_CONFIGS" -- train_both "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
-PPL_ARGS=(task=ppl "ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)
+PPL_ARGS=("ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)
 # the classic passkey test (repeated filler, the training documents' wording): configs/eval/niah_passkey.yaml
-NIAH_ARGS=(task=niah eval@niah=niah_passkey "niah.context_lengths=[1024,2048,4096]"
+NIAH_ARGS=(eval@niah=niah_passkey "niah.context_lengths=[1024,2048,4096]"
            "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=4 niah.max_new_tokens=8)
 # in-distribution retrieval: held-out passkey / MQAR / copy documents like the training mixture's
-RETRIEVAL_ARGS=(task=retrieval retrieval.num_documents=64)
+RETRIEVAL_ARGS=(retrieval.num_documents=64)
 EVAL_TASKS=(ppl niah retrieval)
 num=3
 eval_and_compare $NAME

@@ -102,20 +102,26 @@ run_setup() {
 }
 
 # eval_and_compare NAME: stages eval-<task>-* for each task of EVAL_TASKS (default: ppl niah; the
-# arguments of task x are the array X_ARGS, e.g. PPL_ARGS) and each of RUNS, then compare into
-# $OUT/report.md; numbered from $num on.
+# overrides of task x are the array X_ARGS, e.g. PPL_ARGS, which must be set; task=x is passed
+# here) and each of RUNS, then compare into $OUT/report.md; numbered from $num on. A stage's stamp
+# covers the exported model and the evaluation configs, so editing either re-runs it.
 eval_and_compare() {
     local name=$1 task a run evals=""
     local -a args tasks=(ppl niah)
     [[ -n ${EVAL_TASKS+set} ]] && tasks=("${EVAL_TASKS[@]}")
     for task in "${tasks[@]}"; do
+        if ! declare -p "${task^^}_ARGS" &>/dev/null; then
+            echo "eval_and_compare: EVAL_TASKS has $task but ${task^^}_ARGS is not set" >&2
+            return 1
+        fi
         local -n task_args="${task^^}_ARGS"
         args=("${task_args[@]}")
         unset -n task_args
         for a in "${RUNS[@]}"; do
             run=outputs/runs/$name-$a
-            stage $num "eval-$task-$a" "outputs/eval/$name-$a/$task/results.json" "$run/export/model.safetensors" -- \
-                "$PY" -m eval "${args[@]}" checkpoint="$run" progress=false wandb.enabled=true
+            stage $num "eval-$task-$a" "outputs/eval/$name-$a/$task/results.json" \
+                "$run/export/model.safetensors configs/eval.yaml $(echo configs/eval/*.yaml)" -- \
+                "$PY" -m eval task="$task" "${args[@]}" checkpoint="$run" progress=false wandb.enabled=true
             evals+=" outputs/eval/$name-$a/$task/results.json"
         done
         num=$((num + 1))
@@ -154,8 +160,8 @@ done
 
 # Evaluation: perplexity by position at 1x and 2x the training length (plain RoPE beyond 2k), and
 # a passkey grid at 512..2048 tokens. Small on purpose: the demo model has ~1.3M parameters.
-PPL_ARGS=(task=ppl "ppl.lengths=[2048,4096]" ppl.max_windows=8 ppl.num_buckets=16)
-NIAH_ARGS=(task=niah niah.needle=passkey "niah.context_lengths=[512,1024,2048]"
+PPL_ARGS=("ppl.lengths=[2048,4096]" ppl.max_windows=8 ppl.num_buckets=16)
+NIAH_ARGS=(niah.needle=passkey "niah.context_lengths=[512,1024,2048]"
            "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=1 niah.max_new_tokens=8)
 eval_and_compare $NAME
 

@@ -149,6 +149,11 @@ def test_demo_runs_the_documented_stages_once(tmp_path):
     calls, _ = _run(root, "demo.sh", env, log)
     assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval", "eval", "eval.compare"]
 
+    cfg = root / "configs/eval/niah.yaml"  # a changed evaluation config re-evaluates (all tasks), nothing else
+    cfg.write_text(cfg.read_text() + "\n# changed\n")
+    calls, _ = _run(root, "demo.sh", env, log)
+    assert [c.split()[1] for c in calls] == ["eval", "eval", "eval", "eval", "eval.compare"]
+
 
 def test_compare_small_trains_both_then_evaluates(tmp_path):
     root, log, env = _sandbox(tmp_path)
@@ -163,7 +168,24 @@ def test_compare_small_trains_both_then_evaluates(tmp_path):
     assert (root / "outputs/compare_small/report.md").is_file()
     pub = tmp_path / "published"
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_PUBLISH": str(pub)}, log)
+    pub_calls = calls
     assert calls == []  # all up to date; the results are only copied
     assert sorted(p.name for p in pub.iterdir()) == [
         "full-config.yaml", "full-niah.json", "full-ppl.json", "full-retrieval.json", "nsa-config.yaml",
         "nsa-niah.json", "nsa-ppl.json", "nsa-retrieval.json", "report.md", "stage_times.tsv", "val_loss.png"]
+    assert pub_calls == []
+
+
+def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
+    """The overrides (and thread count) of the training stage are in its stamp: after a smoke test
+    with train.max_steps=20, the run without it trains (and evaluates) again."""
+    root, log, env = _sandbox(tmp_path)
+    calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_OVERRIDES": "train.max_steps=20"}, log)
+    assert sorted(c for c in calls if c.startswith("-m train")) == [
+        "-m train experiment=compare_small attention=full train.max_steps=20",
+        "-m train experiment=compare_small attention=nsa train.max_steps=20"]
+    calls, _ = _run(root, "compare_small.sh", env, log)
+    assert sorted(c for c in calls if c.startswith("-m train")) == [
+        "-m train experiment=compare_small attention=full", "-m train experiment=compare_small attention=nsa"]
+    calls, out = _run(root, "compare_small.sh", {**env, "COMPARE_THREADS": "2"}, log)
+    assert len([c for c in calls if c.startswith("-m train")]) == 2  # other threads: another run
