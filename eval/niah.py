@@ -4,8 +4,10 @@ A needle (a fact sentence, a passkey number, or RULER-style multi-key / multi-va
 "special magic number" lines) is inserted at a line boundary at relative depth
 ``d`` (0 = start, 1 = end) of a haystack cut at line boundaries from a corpus (by
 default the Python standard library, the training corpus of the pystdlib data
-source). The prompt is built in token space ``[BOS] + prefix + haystack-with-needle
-+ question``, so its length is within one corpus line of the target length. The
+source). The prompt ``prefix + haystack-with-needle + question`` is built as text and
+encoded at once (``[BOS]`` first), as the training documents are, so the tokens at line
+and needle boundaries are the ones a model saw in training; its length is within about one
+corpus line of the target length and never above it. The
 model decodes greedily; a sample scores the fraction of expected answers found in
 the prediction (case-insensitive substring, RULER's ``string_match_all``), and
 ``exact`` is 1 when the first line of the prediction is exactly the answer.
@@ -43,7 +45,9 @@ def make_needle(kind: str, rng: random.Random, cfg: Mapping) -> Needle:
     if kind == "passkey":
         digits = int(cfg.get("passkey_digits", 5))
         key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-        return Needle([f"The pass key is {key}. Remember it. {key} is the pass key.\n"],
+        # in the classic filler the needle is one more sentence of the running text, as in training
+        end = " " if cfg.get("corpus") == "passkey_filler" else "\n"
+        return Needle([f"The pass key is {key}. Remember it. {key} is the pass key.{end}"],
                       "What is the pass key?", [key], "The pass key is")
     digits = int(cfg.get("value_digits", 7))
     draw = lambda: str(rng.randrange(10 ** (digits - 1), 10 ** digits))
@@ -139,49 +143,68 @@ class Haystack:
         self.ids = [list(encode(line)) for line in self.lines]
         self.total_tokens = sum(len(x) for x in self.ids)
 
-    def take(self, start: int, budget: int) -> list[list[int]]:
-        """Consecutive lines from ``start`` (wrapping around) while their tokens fit in ``budget``."""
+    def take_indices(self, start: int, budget: int) -> list[int]:
+        """Indices of consecutive lines from ``start`` (wrapping around) while their tokens, each
+        line encoded on its own, fit in ``budget``."""
         out, used, i = [], 0, start % len(self.ids)
         for _ in range(len(self.ids) * 64):  # wrap around when the corpus is shorter than the budget
             n = len(self.ids[i])
             if used + n > budget:
                 break
-            out.append(self.ids[i])
+            out.append(i)
             used += n
             i = (i + 1) % len(self.ids)
         return out
 
+    def take(self, start: int, budget: int) -> list[list[int]]:
+        """The token ids of :meth:`take_indices`' lines."""
+        return [self.ids[i] for i in self.take_indices(start, budget)]
 
-def insert_at_depth(chunks: list[list[int]], needle_chunks: Sequence[list[int]], depth: float,
-                    rng: random.Random) -> list[int]:
-    """Flatten line chunks with the first needle at line boundary round(depth * n_lines), others at random ones."""
+
+def insert_at_depth(chunks: Sequence, needles: Sequence, depth: float, rng: random.Random) -> list:
+    """``chunks`` (haystack lines) in order with the first needle at line boundary
+    ``round(depth * len(chunks))`` and the others at random boundaries."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    slots: dict[int, list[list[int]]] = {}
-    slots.setdefault(round(depth * len(chunks)), []).append(needle_chunks[0])
-    for extra in needle_chunks[1:]:
+    slots: dict[int, list] = {}
+    slots.setdefault(round(depth * len(chunks)), []).append(needles[0])
+    for extra in needles[1:]:
         slots.setdefault(rng.randint(0, len(chunks)), []).append(extra)
-    ids: list[int] = []
+    out: list = []
     for k in range(len(chunks) + 1):
-        for n in slots.get(k, []):
-            ids += n
+        out += slots.get(k, [])
         if k < len(chunks):
-            ids += chunks[k]
-    return ids
+            out.append(chunks[k])
+    return out
 
 
 def build_sample(lm, haystack: Haystack, needle: Needle, length: int, depth: float, rng: random.Random,
                  cfg: Mapping) -> list[int]:
-    """Token ids of one prompt of about ``length`` tokens (never more)."""
-    prefix = lm.encode(cfg["prefix"])  # BOS + instruction
-    suffix = lm.tokenizer.encode(cfg["suffix"].format(question=needle.question, answer_prefix=needle.answer_prefix).rstrip(" "))
-    needle_ids = [list(lm.tokenizer.encode(line)) for line in needle.lines]
-    budget = length - len(prefix) - len(suffix) - sum(len(n) for n in needle_ids)
+    """Token ids of one prompt of at most ``length`` tokens: the text ``prefix + haystack lines with
+    the needle at depth + question``, encoded at once. The lines are first budgeted by their own
+    token counts; since the joined text encodes a little differently (tokens merge across line
+    ends), lines are then added or dropped at the end until the prompt is as long as fits."""
+    suffix = cfg["suffix"].format(question=needle.question, answer_prefix=needle.answer_prefix).rstrip(" ")
+    budget = length - len(lm.encode(cfg["prefix"] + "".join(needle.lines) + suffix))
     if budget < 1:
         raise ValueError(f"context length {length} is too short for the prompt and needle "
                          f"({length - budget} tokens without haystack)")
-    chunks = haystack.take(rng.randrange(len(haystack.lines)), budget)
-    return prefix + insert_at_depth(chunks, needle_ids, depth, rng) + suffix
+    start = rng.randrange(len(haystack.lines))
+    state = rng.getstate()
+
+    def encode(n):  # the prompt with the first n haystack lines from start (wrapping around)
+        rng.setstate(state)  # the same needle slots on every try
+        lines = [haystack.lines[(start + j) % len(haystack.lines)] for j in range(n)]
+        return lm.encode(cfg["prefix"] + "".join(insert_at_depth(lines, needle.lines, depth, rng)) + suffix)
+
+    n = len(haystack.take_indices(start, budget))
+    ids = encode(n)
+    while len(ids) > length and n > 0:
+        n -= 1
+        ids = encode(n)
+    while n < len(haystack.lines) * 64 and len(more := encode(n + 1)) <= length:
+        n, ids = n + 1, more
+    return ids
 
 
 def run_niah(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[dict]]:

@@ -38,15 +38,54 @@ def test_haystack_take_and_insert():
     assert hay.take(0, 7) == [[97, 97, 10], [98, 98, 98, 10]]
     assert hay.take(2, 9) == [[99, 10], [97, 97, 10], [98, 98, 98, 10]]  # wraps around
     assert hay.take(0, 2) == []
-    chunks = [[1], [2], [3], [4]]
+    assert hay.take_indices(2, 9) == [2, 0, 1]
+    lines = ["a\n", "b\n", "c\n", "d\n"]
     rng = random.Random(0)
-    assert insert_at_depth(chunks, [[9]], 0.0, rng) == [9, 1, 2, 3, 4]
-    assert insert_at_depth(chunks, [[9]], 0.5, rng) == [1, 2, 9, 3, 4]
-    assert insert_at_depth(chunks, [[9]], 1.0, rng) == [1, 2, 3, 4, 9]
-    both = insert_at_depth(chunks, [[9], [8]], 0.5, rng)
-    assert sorted(both) == [1, 2, 3, 4, 8, 9] and both.index(9) == 2 or both.index(9) == 3
+    assert insert_at_depth(lines, ["N"], 0.0, rng) == ["N", "a\n", "b\n", "c\n", "d\n"]
+    assert insert_at_depth(lines, ["N"], 0.5, rng) == ["a\n", "b\n", "N", "c\n", "d\n"]
+    assert insert_at_depth(lines, ["N"], 1.0, rng) == ["a\n", "b\n", "c\n", "d\n", "N"]
+    both = insert_at_depth(lines, ["N", "M"], 0.5, rng)
+    assert sorted(both) == sorted(lines + ["M", "N"]) and both.index("N") in (2, 3)
     with pytest.raises(ValueError, match="depth"):
-        insert_at_depth(chunks, [[9]], 1.5, rng)
+        insert_at_depth(lines, ["N"], 1.5, rng)
+
+
+class _MergingLM:
+    """A BOS + character tokenizer that also has one token for the pair "\nT" (so encoding line by
+    line and encoding the joined text differ), standing in for sentencepiece's merges."""
+
+    bos_id = 0
+
+    def __init__(self):
+        self.tokenizer = self
+
+    def encode(self, text, bos=None):
+        ids, i = ([] if bos is False else [0]), 0
+        while i < len(text):
+            if text.startswith("\nT", i):
+                ids.append(1)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+
+def test_prompt_is_encoded_as_one_text_and_fits():
+    """The prompt's ids are the encoding of the whole text (merges across line ends included, as in a
+    training document), never longer than the target length, with the needle where depth puts it."""
+    lm = _MergingLM()
+    hay = Haystack(["The grass.\n"] * 40, lambda text: lm.encode(text, bos=False))
+    needle = niah.Needle(["The key is 12345.\n"], "What is the key?", ["12345"], "The key is")
+    cfg = {"prefix": "Find it.\n", "suffix": "\n{question} {answer_prefix} "}
+    for length in (60, 97, 200):
+        ids = niah.build_sample(lm, hay, needle, length, 0.5, random.Random(1), cfg)
+        text = "".join("\nT" if i == 1 else chr(i) for i in ids[1:])
+        assert ids == lm.encode(text) and len(ids) <= length
+        assert text.startswith("Find it.\n") and text.endswith("What is the key? The key is")
+        before, after = text.split("The key is 12345.\n")
+        assert abs(before.count("grass") - after.count("grass")) <= 1  # depth 0.5: the middle line boundary
+        assert len(ids) > length - len(lm.encode("The grass.\n", bos=False))  # less than one line short
 
 
 def test_corpus_lines(tmp_path):
