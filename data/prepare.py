@@ -34,17 +34,30 @@ def default_out_dir(dcfg: DataConfig, tcfg: TokenizerConfig) -> Path:
     return Path(dcfg.out_dir) if dcfg.out_dir else Path("outputs/data") / f"{dcfg.name}-{tcfg.name}"
 
 
+def _content_config(data: dict) -> dict:
+    """A plain data config without the settings that do not change the shards (num_proc, out_dir)."""
+    return {k: v for k, v in data.items() if k not in ("num_proc", "out_dir")}
+
+
+def reads_pystdlib(source) -> bool:
+    """Whether a plain source config (or a mixture of them) reads the pystdlib corpus."""
+    if isinstance(source, dict):
+        return source.get("kind") == "pystdlib" or any(reads_pystdlib(v) for v in source.values())
+    if isinstance(source, list):
+        return any(reads_pystdlib(x) for x in source)
+    return False
+
+
 def config_hash(dcfg: DataConfig, tok: Tokenizer | str) -> str:
     """Hash of everything that changes the shards' content (not num_proc or out_dir);
-    ``tok`` is the tokenizer or its sha256."""
-    d = to_plain(dcfg)
-    d.pop("num_proc"), d.pop("out_dir")
-    # the Python version pins the pystdlib corpus (it is the running interpreter's library)
+    ``tok`` is the tokenizer or its sha256. For a source that reads the pystdlib corpus the
+    Python version is part of it (the corpus is the running interpreter's standard library)."""
+    d = _content_config(to_plain(dcfg))
     sha = tok if isinstance(tok, str) else tok.sha256
-    blob = json.dumps({"data": d, "tokenizer_sha256": sha, "format": FORMAT_VERSION,
-                       "python": platform.python_version()},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    what = {"data": d, "tokenizer_sha256": sha, "format": FORMAT_VERSION}
+    if reads_pystdlib(d["source"]):
+        what["python"] = platform.python_version()
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split_documents(n_docs: int, dcfg: DataConfig) -> dict[str, np.ndarray]:
@@ -89,6 +102,15 @@ def stale_preparation(out: Path, dcfg: DataConfig) -> str | None:
     want = config_hash(dcfg, sha)
     if want == have:
         return None
+    plain = to_plain(dcfg)
+    same = json.dumps(_content_config(meta.get("data") or {}), sort_keys=True, default=str) == json.dumps(
+        _content_config(plain), sort_keys=True, default=str)
+    if same and meta.get("format_version") == FORMAT_VERSION:  # the interpreter, not the config, changed
+        if not reads_pystdlib(plain["source"]):
+            return None  # (a preparation hashed with the Python version before it counted only for pystdlib)
+        return (f"{out} was prepared under Python {meta.get('python', '(another version)')}, whose standard "
+                f"library is the pystdlib corpus; this is Python {platform.python_version()}: delete {out} to "
+                f"prepare it again, or name it with data.out_dir to use it as it is")
     return (f"{out} was prepared from another data config (hash {have[:12]}, this config {want[:12]}): "
             f"give this config its own data.name (or data.out_dir), or delete {out} to prepare it again")
 
@@ -146,6 +168,9 @@ def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool
         log(f"{out} is up to date (config hash {chash[:12]}), nothing to do")
         return out
 
+    stale = stale_preparation(out, dcfg)
+    if stale:  # an explicit prepare replaces it; the trainer would have refused it (see stale_preparation)
+        log(f"warning: replacing {out}: {stale.split(':')[0]}")
     docs = load_documents(dcfg.source)
     splits = split_documents(len(docs), dcfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +188,7 @@ def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool
         "tokenizer": {"file": "tokenizer.model", "source_path": str(tok.path), "sha256": tok.sha256,
                       "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                       "pad_id": tok.pad_id},
-        "vocab_size": tok.vocab_size, "splits": meta_splits,
+        "vocab_size": tok.vocab_size, "splits": meta_splits, "python": platform.python_version(),
     }
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str))

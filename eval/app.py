@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from eval.checkpoint import run_data_dir, run_wandb_group, run_wandb_project
+from eval.checkpoint import run_data_dir, run_data_mismatch, run_wandb_group, run_wandb_project
 from eval.io import write_json, write_jsonl
 
 TASKS = ("niah", "longbench", "mmlu", "ppl", "general", "retrieval")
@@ -71,9 +71,14 @@ def _run_ppl(lm, tcfg, out: Path, progress: bool, run_dir):
     from eval import ppl
     from eval.plots import line_plot
 
-    data_dir = tcfg.get("data_dir") or run_data_dir(run_dir)
-    if data_dir is None:
-        raise ValueError("ppl needs ppl.data_dir=<data.prepare output dir> (the checkpoint has no run config)")
+    data_dir = tcfg.get("data_dir")
+    if not data_dir:  # the run's own validation split, unless data.prepare has replaced it since
+        data_dir = run_data_dir(run_dir)
+        if data_dir is None:
+            raise ValueError("ppl needs ppl.data_dir=<data.prepare output dir> (the checkpoint has no run config)")
+        if err := run_data_mismatch(run_dir, data_dir):
+            raise ValueError(f"ppl: the run's data is no longer there: {err}; or pass ppl.data_dir= to "
+                             "evaluate on that directory anyway")
     results = ppl.run_ppl(lm, tcfg, data_dir, progress)
     records = [{"length": int(L), **b} for L, r in results["lengths"].items() for b in r["buckets"]]
     series = {f"L={L}": ([(b["start"] + b["end"]) / 2 for b in r["buckets"]], [b["loss"] for b in r["buckets"]])

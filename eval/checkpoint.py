@@ -88,3 +88,22 @@ def run_data_dir(run_dir: Path | None) -> Path | None:
         return Path(str(out))
     data, tok = _select(cfg, "data.name"), _select(cfg, "tokenizer.name")
     return Path("outputs/data") / f"{data}-{tok}" if data is not None and tok is not None else None
+
+
+def run_data_mismatch(run_dir: Path | None, data_dir: Path) -> str | None:
+    """Why ``data_dir`` no longer holds the preparation of the run's data config (``data.prepare``
+    replaced it with another config's, e.g. another validation split), or None (also when the run
+    config has no complete data config to compare with)."""
+    cfg = run_config(run_dir)
+    if cfg is None or _select(cfg, "data.source") is None:
+        return None
+    from omegaconf import OmegaConf
+
+    from data.prepare import stale_preparation
+    from data.sources import data_config_from_dict
+
+    try:
+        dcfg = data_config_from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+    except (ValueError, TypeError):
+        return None
+    return stale_preparation(Path(data_dir), dcfg)

@@ -96,6 +96,35 @@ def test_stale_preparation_names_the_mismatch(tmp_path, jsonl, tokenizer):
     assert stale_preparation(out, data_config_from_dict(data_cfg(jsonl, validation_fraction=0.5))) is None
 
 
+def test_python_version_matters_only_for_the_pystdlib_corpus(tmp_path, jsonl, tokenizer, monkeypatch):
+    """Another interpreter: local text is still the same data (not stale, not re-prepared); the
+    pystdlib corpus is another corpus, and the message says so rather than blaming the config."""
+    import data.prepare as prep
+
+    local = prepare(data_cfg(jsonl), tok_cfg(tokenizer), tmp_path / "local")
+    std_cfg = {"name": "std", "source": {"kind": "pystdlib", "max_documents": 20}, "validation_fraction": 0.2,
+               "num_proc": 1}
+    std = prepare(std_cfg, tok_cfg(tokenizer), tmp_path / "std")
+    assert json.loads((std / "meta.json").read_text())["python"] == prep.platform.python_version()
+    monkeypatch.setattr(prep.platform, "python_version", lambda: "3.99.0")
+    assert stale_preparation(local, data_config_from_dict(data_cfg(jsonl))) is None
+    logs = []
+    prepare(data_cfg(jsonl), tok_cfg(tokenizer), local, log=logs.append)
+    assert "up to date" in logs[-1]
+    msg = stale_preparation(std, data_config_from_dict(std_cfg))
+    assert msg and "Python" in msg and "3.99.0" in msg and "another data config" not in msg
+    mixed = dict(std_cfg, source={"kind": "mixture", "components": [{"weight": 1.0, "source": std_cfg["source"]}]})
+    assert prep.reads_pystdlib(prep.to_plain(data_config_from_dict(mixed))["source"])
+    assert not prep.reads_pystdlib(prep.to_plain(data_config_from_dict(data_cfg(jsonl)))["source"])
+
+
+def test_prepare_warns_when_it_replaces_another_config(tmp_path, jsonl, tokenizer):
+    out = prepare(data_cfg(jsonl), tok_cfg(tokenizer), tmp_path / "o")
+    logs = []
+    prepare(data_cfg(jsonl, validation_fraction=0.5), tok_cfg(tokenizer), out, log=logs.append)
+    assert any(line.startswith(f"warning: replacing {out}") for line in logs)
+
+
 def test_empty_and_too_small_sources(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"body": ""}\n{"body": ""}\n')

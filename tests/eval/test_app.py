@@ -85,6 +85,28 @@ def test_bad_task_and_missing_data(tiny_runs, tmp_path):
         run_task(cfg)
 
 
+def test_ppl_refuses_data_prepared_since_from_another_config(tiny_runs, tiny_tokenizer_file, tmp_path):
+    """The run's data directory was re-prepared with another validation split after training: ppl
+    would measure on documents the model trained on, so it stops and says why."""
+    import shutil
+
+    from data.prepare import prepare
+    from eval.app import run_task
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(20)))
+    data = {"name": "toy", "source": {"kind": "local", "data_files": str(docs)}, "validation_fraction": 0.2,
+            "num_proc": 1, "out_dir": str(tmp_path / "data")}
+    prepare(dict(data, validation_fraction=0.5), {"name": "tiny", "path": str(tiny_tokenizer_file), "vocab_size": None})
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["nsa"] / "export", run / "export")
+    (run / "config.yaml").write_text(json.dumps({"name": "tiny", "run_name": "run", "data": data,
+                                                 "tokenizer": {"name": "tiny"}}))
+    cfg = compose(["task=ppl", f"checkpoint_path={run}", f"out_root={tmp_path}", "ppl.lengths=[64]"])
+    with pytest.raises(ValueError, match="no longer there.*another data config"):
+        run_task(cfg)
+
+
 @pytest.mark.slow  # lm-eval task indexing; test_lm_eval_adapter covers simple_evaluate in the fast suite
 def test_general_suite_through_lm_eval(tiny_runs, tmp_path):
     from eval.app import run_task
