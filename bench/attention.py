@@ -16,7 +16,9 @@ Shapes: B = 1, H = 16, Hkv = 2, D = 64, float32 on CPU; NSA with the paper's blo
 forward (with autograd recording, as in training) and forward+backward (``out.sum()``),
 reporting the best of ``--repeats`` wall times, the process CPU time, and the peak memory
 (rise of the resident set during the call, see ``bench.common.measure``). Each method and
-length runs in a fresh subprocess, so one method's freed memory cannot hide the other's.
+length runs in a fresh subprocess, so one method's freed memory cannot hide the other's, and
+the repeats are interleaved rounds (NSA, SDPA, NSA, SDPA, ...), so that a machine whose speed
+drifts (a shared VM) biases neither side of a ratio.
 ``--breakdown`` adds, in one more subprocess per length, the forward and backward time of each
 NSA stage on its own (compression, compressed attention + selection, selected attention,
 sliding window), to show where the time goes.
@@ -115,7 +117,7 @@ def run_case(method: str, T: int, repeats: int, device: str, seed: int = 0) -> d
 
 def run_in_subprocess(method: str, T: int, args) -> dict:
     cmd = [sys.executable, "-m", "bench.attention", "--child", method, "--seqlens", str(T)]
-    cmd += ["--repeats", str(args.repeats), "--device", args.device]
+    cmd += ["--repeats", "1", "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -123,6 +125,25 @@ def run_in_subprocess(method: str, T: int, args) -> dict:
     if proc.returncode != 0 or not lines:
         return {"method": method, "seqlen": T, "error": (proc.stderr or proc.stdout)[-2000:]}
     return json.loads(lines[-1])
+
+
+def best_round(rounds: list[dict]) -> dict:
+    """One method's interleaved rounds -> one result: the lowest times, the highest peak memory,
+    every round's measurements under ``runs`` (an error if any round failed)."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(rounds[0])
+    if "stages" in out:
+        out["stages"] = {name: {ph: min(r["stages"][name][ph] for r in rounds) for ph in ("fwd", "bwd")}
+                         for name in out["stages"]}
+        return out
+    for phase in ("fwd", "fwd_bwd"):
+        runs = [m for r in rounds for m in r[phase]["runs"]]
+        peaks = [m["peak_mb"] for m in runs if m["peak_mb"] is not None]
+        out[phase] = {"wall_s": min(m["wall_s"] for m in runs), "cpu_s": min(m["cpu_s"] for m in runs),
+                      "peak_mb": max(peaks) if peaks else None, "runs": runs}
+    return out
 
 
 def _ratio(a, b):
@@ -190,7 +211,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    p.add_argument("--repeats", type=int, default=1, help="runs per measurement; the best is reported")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="interleaved rounds per length (each method once per round); the best is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--breakdown", action="store_true", help="also time each NSA stage on its own")
     p.add_argument("--out", default=None, help="JSON path (default outputs/bench/attention_<device>.json)")
@@ -212,9 +234,14 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out or f"outputs/bench/attention_{torch.device(args.device).type}.json")
     results = []
+    methods = ("nsa", "sdpa") + (("nsa_stages",) if args.breakdown else ())
     for T in args.seqlens:
-        for method in ("nsa", "sdpa") + (("nsa_stages",) if args.breakdown else ()):
-            r = run_in_subprocess(method, T, args)
+        rounds = {m: [] for m in methods}
+        for _ in range(args.repeats):  # interleaved: NSA, SDPA, (stages), NSA, SDPA, ...
+            for method in methods:
+                rounds[method].append(run_in_subprocess(method, T, args))
+        for method in methods:
+            r = best_round(rounds[method])
             if "error" in r:
                 print(f"T={T} {method}: failed\n{r['error']}", file=sys.stderr)
             results.append(r)
