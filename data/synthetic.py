@@ -1,4 +1,4 @@
-"""Synthetic long-context documents: passkey retrieval, needle retrieval, MQAR.
+"""Synthetic long-context documents: passkey retrieval, needle retrieval, MQAR, verbatim copy.
 
 Each generator returns a :class:`SyntheticDocument` whose ``text`` is the full training
 document (prompt followed by the answer) and whose ``answer_spans`` locate every answer
