@@ -103,8 +103,10 @@ def stale_preparation(out: Path, dcfg: DataConfig) -> str | None:
     if want == have:
         return None
     plain = to_plain(dcfg)
-    same = json.dumps(_content_config(meta.get("data") or {}), sort_keys=True, default=str) == json.dumps(
-        _content_config(plain), sort_keys=True, default=str)
+    def canonical(data: dict) -> str:
+        return json.dumps(_content_config(data), sort_keys=True, default=str)
+
+    same = canonical(meta.get("data") or {}) == canonical(plain)
     if same and meta.get("format_version") == FORMAT_VERSION:  # the interpreter, not the config, changed
         if not reads_pystdlib(plain["source"]):
             return None  # (a preparation hashed with the Python version before it counted only for pystdlib)

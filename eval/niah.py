@@ -136,29 +136,24 @@ def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int) -> list[str
 
 
 class Haystack:
-    """Corpus lines with their token ids, to cut token-budgeted haystacks at line boundaries."""
+    """Corpus lines with their token counts (each line encoded on its own), to budget haystacks."""
 
     def __init__(self, lines: Sequence[str], encode):
         self.lines = list(lines)
-        self.ids = [list(encode(line)) for line in self.lines]
-        self.total_tokens = sum(len(x) for x in self.ids)
+        self.lengths = [len(encode(line)) for line in self.lines]
+        self.total_tokens = sum(self.lengths)
 
     def take_indices(self, start: int, budget: int) -> list[int]:
-        """Indices of consecutive lines from ``start`` (wrapping around) while their tokens, each
-        line encoded on its own, fit in ``budget``."""
-        out, used, i = [], 0, start % len(self.ids)
-        for _ in range(len(self.ids) * 64):  # wrap around when the corpus is shorter than the budget
-            n = len(self.ids[i])
-            if used + n > budget:
+        """Indices of consecutive lines from ``start`` (wrapping around) while their token counts
+        fit in ``budget``."""
+        out, used, i = [], 0, start % len(self.lines)
+        for _ in range(len(self.lines) * 64):  # wrap around when the corpus is shorter than the budget
+            if used + self.lengths[i] > budget:
                 break
             out.append(i)
-            used += n
-            i = (i + 1) % len(self.ids)
+            used += self.lengths[i]
+            i = (i + 1) % len(self.lines)
         return out
-
-    def take(self, start: int, budget: int) -> list[list[int]]:
-        """The token ids of :meth:`take_indices`' lines."""
-        return [self.ids[i] for i in self.take_indices(start, budget)]
 
 
 def insert_at_depth(chunks: Sequence, needles: Sequence, depth: float, rng: random.Random) -> list:

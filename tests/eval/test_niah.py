@@ -35,10 +35,10 @@ def test_score_prediction():
 def test_haystack_take_and_insert():
     hay = Haystack(["aa\n", "bbb\n", "c\n"], lambda s: [ord(ch) for ch in s])
     assert hay.total_tokens == 9
-    assert hay.take(0, 7) == [[97, 97, 10], [98, 98, 98, 10]]
-    assert hay.take(2, 9) == [[99, 10], [97, 97, 10], [98, 98, 98, 10]]  # wraps around
-    assert hay.take(0, 2) == []
-    assert hay.take_indices(2, 9) == [2, 0, 1]
+    assert hay.lengths == [3, 4, 2]
+    assert hay.take_indices(0, 7) == [0, 1]
+    assert hay.take_indices(2, 9) == [2, 0, 1]  # wraps around
+    assert hay.take_indices(0, 2) == []
     lines = ["a\n", "b\n", "c\n", "d\n"]
     rng = random.Random(0)
     assert insert_at_depth(lines, ["N"], 0.0, rng) == ["N", "a\n", "b\n", "c\n", "d\n"]
