@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import best_of, fmt, measure, print_table, write_json
+from bench.common import best, best_of, fmt, measure, print_table, write_json
 
 SHAPE = dict(heads=16, kv_heads=2, head_dim=64)
 NSA_BLOCKS = dict(block_len=32, stride=16, select_len=64, num_select=16, window=512)
@@ -139,10 +139,7 @@ def best_round(rounds: list[dict]) -> dict:
                          for name in out["stages"]}
         return out
     for phase in ("fwd", "fwd_bwd"):
-        runs = [m for r in rounds for m in r[phase]["runs"]]
-        peaks = [m["peak_mb"] for m in runs if m["peak_mb"] is not None]
-        out[phase] = {"wall_s": min(m["wall_s"] for m in runs), "cpu_s": min(m["cpu_s"] for m in runs),
-                      "peak_mb": max(peaks) if peaks else None, "runs": runs}
+        out[phase] = best([m for r in rounds for m in r[phase]["runs"]])
     return out
 
 

@@ -67,9 +67,13 @@ def measure(fn, device: torch.device | str = "cpu") -> dict:
 
 
 def best_of(fn, repeats: int, device: torch.device | str = "cpu") -> dict:
-    """:func:`measure` ``repeats`` times: the lowest wall and CPU time (least disturbed by other
+    """:func:`measure` ``repeats`` times, summarised by :func:`best`."""
+    return best([measure(fn, device) for _ in range(max(1, repeats))])
+
+
+def best(runs: list[dict]) -> dict:
+    """Several :func:`measure` results: the lowest wall and CPU time (least disturbed by other
     work on a shared machine) and the highest peak memory, plus every run."""
-    runs = [measure(fn, device) for _ in range(max(1, repeats))]
     peaks = [r["peak_mb"] for r in runs if r["peak_mb"] is not None]
     return {
         "wall_s": min(r["wall_s"] for r in runs),
