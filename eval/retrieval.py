@@ -43,7 +43,8 @@ def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
     in training; an answer's tokens are those overlapping its characters, found by binary search
     on the length of decoded prefixes (the tokenizers round-trip text exactly)."""
     body = list(lm.tokenizer.encode(doc.text))
-    head = len(lm.encode("", bos=None))  # 1 with BOS, else 0
+    prefix = lm.encode("", bos=None)  # [BOS], or nothing
+    head = len(prefix)
     decoded = {}
 
     def chars(i: int) -> int:  # characters covered by the first i tokens
@@ -66,7 +67,7 @@ def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
         s = first_token_reaching(a, strictly=True) - 1  # the token holding character a
         e = first_token_reaching(b, strictly=False)  # the first tokens covering everything up to b
         spans.append((head + s, head + e))
-    return lm.encode("", bos=None) + body, spans
+    return prefix + body, spans
 
 
 @torch.no_grad()
