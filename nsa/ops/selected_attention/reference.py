@@ -7,7 +7,7 @@ and non-causal indices are ignored). A query whose selection holds no valid toke
 Method ("block tiles", chosen for CPU speed). The work is ``n`` (query, block) pairs per
 query and group. Gathering each pair's ``l'`` keys would copy ``n*l'*D`` floats per query;
 instead, per chunk of queries, the pairs are sorted by block and cut into tiles of ``R``
-pairs ("lanes") that share one block, ``R*G ~ 64`` query rows. A tile is one small dense
+pairs ("lanes") that share one block, ``R*G ~ 128`` query rows. A tile is one small dense
 matmul ``[R*G, Dk] @ [Dk, l']`` with the block's keys gathered once for the whole tile, and
 only the tiles holding a query's own (diagonal) block need a causal mask.
 
@@ -38,7 +38,7 @@ from nsa.ops.common import (
     to_groups,
 )
 
-ROWS_PER_TILE = 64  # R * G: query rows in one tile's matmul
+ROWS_PER_TILE = 128  # R * G: query rows in one tile's matmul (bench/RESULTS.md: faster than 64 or 32, no worse than 256)
 QUERIES_PER_PLAN = 1024  # queries whose (query, block) pairs are sorted into tiles together (at most)
 LANE_BUDGET = 1 << 24  # floats of the per-lane outputs a chunk holds in the forward (64 MB in float32)
 
