@@ -1,47 +1,74 @@
 """PyTorch reference for the sliding-window branch.
 
-Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md). Method:
-flash-attention-style query chunks (:class:`nsa.ops.chunked.ChunkedAttention`); chunk
-``[q0, q1)`` only reads keys ``[q0 - w + 1, q1)`` and masks the band per token, so the work
-is ``O(T * (w + chunk))`` and memory ``O(chunk * (w + chunk))`` per step. The chunk is
-kept near ``w / 8`` so the masked-out corners waste little of each score block.
+Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md). Method: cut
+the queries into chunks of ``C``; chunk ``c`` reads the ``C + w - 1`` keys that any of its
+queries can see and masks the band per token. All chunks (a group of them at a time, to bound
+memory) go through one ``torch.nn.functional.scaled_dot_product_attention`` call as a batch,
+so the dense per-chunk work runs in PyTorch's fused attention kernel (flash attention on CPU,
+with native GQA), forward and backward. Work is ``O(T * (w + C))``; memory is linear in ``T``:
+the gathered key/value windows of one call stay under ``GATHER_BUDGET`` elements.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from nsa.ops import common
-from nsa.ops.chunked import chunked_attention
-from nsa.ops.common import chunk_ranges, chunk_size, per_document, resolve_scale
+from nsa.ops.common import acc_dtype, per_document, resolve_scale
 
-
-def window_plan(T: int, num_heads: int, window: int):
-    """Query chunks ``(q0, q1, max(0, q0 - w + 1), q1)``.
-
-    A chunk of ``C`` queries scores ``C + w - 1`` keys for ``w`` useful ones, so ``C`` stays
-    near ``w / 8`` (a wasted eighth), but large enough that each chunk scores at least
-    ``SCORE_BUDGET / 32`` elements (per-chunk overheads) and small enough for the budget.
-    Measured on one core: ``w = 512``, H = 16: 64 queries (3.6 s fwd+bwd at 32k) against
-    128 (3.9 s); ``w = 128``, H = 4, T = 2k: 64 (25 ms) against 16 (41 ms)."""
-    least = chunk_size(num_heads, window, common.SCORE_BUDGET // 32)
-    chunk = min(max(16, window // 8, least), chunk_size(num_heads, window))
-    return [(q0, q1, max(0, q0 - window + 1), q1) for q0, q1 in chunk_ranges(T, chunk)]
+# Keys gathered per SDPA call, in elements (rows x kv heads x head dim): bounds the copies of
+# the overlapping key/value windows (each key appears in about (C + w) / C of them).
+GATHER_BUDGET = 1 << 24
 
 
-def window_mask(window: int, device):
-    """``mask_fn(q0, q1, k0, k1) -> bool [q1-q0, k1-k0]``: ``t - w < s <= t``."""
+def window_chunk(window: int, T: int) -> int:
+    """Queries per chunk: ``w / 4`` within ``[16, 256]`` (never above ``T``).
 
-    def mask_fn(q0, q1, k0, k1):
-        diff = torch.arange(q0, q1, device=device)[:, None] - torch.arange(k0, k1, device=device)[None, :]
-        return (diff >= 0) & (diff < window)
+    A chunk scores ``C + w - 1`` keys for ``w`` useful ones, so a small ``C`` wastes little;
+    a large one amortises the per-chunk work. Measured on one core, ``w = 512``, H = 16,
+    Hkv = 2, T = 8k, forward / forward+backward: C = 64 0.25 / 0.78 s, 128 0.24 / 0.75 s,
+    256 0.24 / 0.78 s (the former chunked-matmul reference: 0.40 / 1.08 s)."""
+    return max(1, min(T, max(16, min(256, window // 4))))
 
-    return mask_fn
+
+def window_chunk_mask(c0: int, c1: int, C: int, w: int, device) -> torch.Tensor:
+    """bool ``[c1 - c0, 1, C, C + w - 1]``: which keys of chunk ``c``'s window query ``i``
+    sees. Key ``j`` of the window is token ``c*C - w + 1 + j``; query ``i`` is ``c*C + i``;
+    visible iff ``0 <= (c*C + i) - (c*C - w + 1 + j) < w`` and the key token exists (>= 0)."""
+    i = torch.arange(C, device=device)[:, None]
+    j = torch.arange(C + w - 1, device=device)[None, :]
+    band = (j >= i) & (j <= i + w - 1)
+    first = w - 1 - torch.arange(c0, c1, device=device)[:, None, None] * C  # first real key
+    return (band[None] & (j[None] >= first))[:, None]
 
 
 def _window_dense(q, k, v, window, scale):
-    plan = window_plan(q.shape[1], q.shape[2], window)
-    return chunked_attention(q, k, v, scale, plan, window_mask(window, q.device))[0]
+    B, T, H, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    if T == 0:
+        return q.new_zeros(B, 0, H, Dv)
+    acc = acc_dtype(q.dtype)
+    w = min(window, T)  # no query reaches further back than the start
+    C = window_chunk(w, T)
+    n = -(-T // C)
+    S = C + w - 1
+    # queries padded at the end to n*C; keys/values padded with w-1 rows at the front (masked)
+    qp = F.pad(q.to(acc), (0, 0, 0, 0, 0, n * C - T))
+    kp = F.pad(k.to(acc), (0, 0, 0, 0, w - 1, n * C - T))
+    vp = F.pad(v.to(acc), (0, 0, 0, 0, w - 1, n * C - T))
+    per_call = max(1, GATHER_BUDGET // (B * S * Hkv * max(Dk, Dv)))
+    outs = []
+    for c0 in range(0, n, per_call):
+        c1 = min(n, c0 + per_call)
+        m = c1 - c0
+        rows = (torch.arange(c0, c1, device=q.device)[:, None] * C + torch.arange(S, device=q.device)).view(-1)
+        qc = qp[:, c0 * C : c1 * C].reshape(B * m, C, H, Dk).transpose(1, 2)
+        kc = kp.index_select(1, rows).view(B * m, S, Hkv, Dk).transpose(1, 2)
+        vc = vp.index_select(1, rows).view(B * m, S, Hkv, Dv).transpose(1, 2)
+        mask = window_chunk_mask(c0, c1, C, w, q.device).repeat(B, 1, 1, 1)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(o.transpose(1, 2).reshape(B, m * C, H, Dv))
+    return torch.cat(outs, 1)[:, :T].to(q.dtype)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
