@@ -2,7 +2,7 @@
 
 Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md). Method: cut
 the queries into chunks of ``C``; chunk ``c`` reads the ``C + w - 1`` keys that any of its
-queries can see and masks the band per token. All chunks (a group of them at a time, to bound
+queries can see (a few more, see :func:`window_keys`) and masks the band per token. All chunks (a group of them at a time, to bound
 memory) go through one ``torch.nn.functional.scaled_dot_product_attention`` call as a batch,
 so the dense per-chunk work runs in PyTorch's fused attention kernel (flash attention on CPU,
 with native GQA), forward and backward. Work is ``O(T * (w + C))``; memory is linear in ``T``:
@@ -31,14 +31,23 @@ def window_chunk(window: int, T: int) -> int:
     return max(1, min(T, max(16, min(256, window // 4))))
 
 
-def window_chunk_mask(c0: int, c1: int, C: int, w: int, device) -> torch.Tensor:
-    """bool ``[c1 - c0, 1, C, C + w - 1]``: which keys of chunk ``c``'s window query ``i``
-    sees. Key ``j`` of the window is token ``c*C - w + 1 + j``; query ``i`` is ``c*C + i``;
-    visible iff ``0 <= (c*C + i) - (c*C - w + 1 + j) < w`` and the key token exists (>= 0)."""
+def window_keys(C: int, w: int) -> int:
+    """Keys per chunk window: the ``C + w - 1`` a chunk can see, rounded up to a multiple of 16
+    (the extra leading keys are masked). Measured at 8k, ``w = 512``: 640 keys take 0.25 s
+    forward against 0.29 s for 639 (the fused kernel vectorises whole key blocks)."""
+    return -(-(C + w - 1) // 16) * 16
+
+
+def window_chunk_mask(c0: int, c1: int, C: int, S: int, w: int, device) -> torch.Tensor:
+    """bool ``[c1 - c0, 1, C, S]``: which keys of chunk ``c``'s window query ``i`` sees. The
+    window's key ``j`` is token ``c*C - L + j`` with ``L = S - C`` leading keys, query ``i`` is
+    token ``c*C + i``; visible iff ``0 <= (c*C + i) - (c*C - L + j) < w`` and the token
+    exists (``>= 0``)."""
+    L = S - C
     i = torch.arange(C, device=device)[:, None]
-    j = torch.arange(C + w - 1, device=device)[None, :]
-    band = (j >= i) & (j <= i + w - 1)
-    first = w - 1 - torch.arange(c0, c1, device=device)[:, None, None] * C  # first real key
+    j = torch.arange(S, device=device)[None, :]
+    band = (j <= i + L) & (j > i + L - w)
+    first = L - torch.arange(c0, c1, device=device)[:, None, None] * C  # the window's first real key
     return (band[None] & (j[None] >= first))[:, None]
 
 
@@ -51,11 +60,11 @@ def _window_dense(q, k, v, window, scale):
     w = min(window, T)  # no query reaches further back than the start
     C = window_chunk(w, T)
     n = -(-T // C)
-    S = C + w - 1
-    # queries padded at the end to n*C; keys/values padded with w-1 rows at the front (masked)
+    S = window_keys(C, w)
+    # queries padded at the end to n*C; keys/values padded with S-C rows at the front (masked)
     qp = F.pad(q.to(acc), (0, 0, 0, 0, 0, n * C - T))
-    kp = F.pad(k.to(acc), (0, 0, 0, 0, w - 1, n * C - T))
-    vp = F.pad(v.to(acc), (0, 0, 0, 0, w - 1, n * C - T))
+    kp = F.pad(k.to(acc), (0, 0, 0, 0, S - C, n * C - T))
+    vp = F.pad(v.to(acc), (0, 0, 0, 0, S - C, n * C - T))
     per_call = max(1, GATHER_BUDGET // (B * S * Hkv * max(Dk, Dv)))
     outs = []
     for c0 in range(0, n, per_call):
@@ -65,10 +74,11 @@ def _window_dense(q, k, v, window, scale):
         qc = qp[:, c0 * C : c1 * C].reshape(B * m, C, H, Dk).transpose(1, 2)
         kc = kp.index_select(1, rows).view(B * m, S, Hkv, Dk).transpose(1, 2)
         vc = vp.index_select(1, rows).view(B * m, S, Hkv, Dv).transpose(1, 2)
-        mask = window_chunk_mask(c0, c1, C, w, q.device).repeat(B, 1, 1, 1)
+        mask = window_chunk_mask(c0, c1, C, S, w, q.device).expand(B, -1, -1, -1, -1).reshape(B * m, 1, C, S)
         o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(o.transpose(1, 2).reshape(B, m * C, H, Dv))
-    return torch.cat(outs, 1)[:, :T].to(q.dtype)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return o[:, :T].to(q.dtype)
 
 
 def sliding_window_attention(q, k, v, *, window, scale=None, cu_seqlens=None):
