@@ -140,8 +140,8 @@ def _tile_scores(qrows, kbT, batch, nsel: int, select_len: int, ws: Workspace):
     key, row, tpos, diag = batch
     nt, G, Dk = key.numel(), qrows.shape[1], qrows.shape[2]
     Qt = _gather(qrows, row, ws.get("q", row.numel(), G, Dk)).view(nt, -1, Dk)
-    Kt = _gather(kbT, key, ws.get("k", nt, *kbT.shape[1:]))
-    s = torch.bmm(Qt, Kt, out=ws.get("s", nt, Qt.shape[1], select_len))
+    KtT = _gather(kbT, key, ws.get("kT", nt, *kbT.shape[1:]))
+    s = torch.bmm(Qt, KtT, out=ws.get("s", nt, Qt.shape[1], select_len))
     d = diag.nonzero()[:, 0]
     if d.numel():  # mask in place over the run of tiles from the first diagonal one to the last
         a, b = int(d[0]), int(d[-1]) + 1
