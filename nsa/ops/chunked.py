@@ -1,5 +1,5 @@
-"""Masked dense attention over query chunks: the engine of the compressed and sliding-window
-references (and of the fused compressed attention + selection).
+"""Masked dense attention over query chunks: the engine of the compressed-attention reference
+(and of the fused compressed attention + selection, which reads its probabilities).
 
 A chunk ``[q0, q1)`` of queries attends to one key range ``[k0, k1)`` under a per-token mask
 (``mask_fn``), so only a ``[chunk * H, k1 - k0]`` score block exists at a time and memory stays
