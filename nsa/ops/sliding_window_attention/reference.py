@@ -2,11 +2,12 @@
 
 Query ``t`` attends to tokens ``s`` in ``[max(0, t - w + 1), t]`` (NSA_SPEC.md). Method: cut
 the queries into chunks of ``C``; chunk ``c`` reads the ``C + w - 1`` keys that any of its
-queries can see (a few more, see :func:`window_keys`) and masks the band per token. All chunks (a group of them at a time, to bound
-memory) go through one ``torch.nn.functional.scaled_dot_product_attention`` call as a batch,
-so the dense per-chunk work runs in PyTorch's fused attention kernel (flash attention on CPU,
-with native GQA), forward and backward. Work is ``O(T * (w + C))``; memory is linear in ``T``:
-the gathered key/value windows of one call stay under ``GATHER_BUDGET`` elements.
+queries can see (a few more, see :func:`window_keys`) and masks the band per token. The chunks
+(a group of them at a time, to bound memory) go through one
+``torch.nn.functional.scaled_dot_product_attention`` call as a batch, so the dense per-chunk
+work runs in PyTorch's fused attention kernel (flash attention on CPU, with native GQA),
+forward and backward. Work is ``O(T * (w + C))``; memory is linear in ``T``: the gathered
+key/value windows of one call stay under ``GATHER_BUDGET`` elements.
 """
 
 from __future__ import annotations
