@@ -206,7 +206,8 @@ class SelectedAttention(torch.autograd.Function):
         R = max(1, ROWS_PER_TILE // G)
         qrows = _rows(q, Hkv, acc).mul_(ctx.scale)
         dorows = _rows(do, Hkv, acc)
-        kb, kbT, vbT = _blocks(k, l, acc), _blocks(k, l, acc, transposed=True), _blocks(v, l, acc, transposed=True)
+        kb, vbT = _blocks(k, l, acc), _blocks(v, l, acc, transposed=True)
+        kbT = kb.transpose(1, 2).contiguous()  # both layouts of K's blocks: scores and dq
         # spare row: lse = +inf makes padding lanes' probabilities exactly 0
         lse = F.pad(neg_inf_safe(lse), (0, 0, 0, 1), value=float("inf"))
         delta = to_groups((do.to(acc) * out.to(acc)).sum(-1, keepdim=True), Hkv, acc)  # rowsum(dO * O)
