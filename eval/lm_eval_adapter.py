@@ -3,6 +3,7 @@
     import eval.lm_eval_adapter, lm_eval
     lm_eval.simple_evaluate(model="nsa", model_args="pretrained=outputs/runs/x", tasks=["hellaswag"])
     # or model=NSALM(lm=EvalLM(...)) with an already loaded model
+    # lm-eval's MMLU on local cais/mmlu-format files, offline: local_mmlu_tasks(data_dir, task_dir)
 
 Contexts get BOS first (as every training document does); ``prefix_token_id`` (the
 context of an empty-context request) is BOS. Rolling log-likelihood uses lm-eval's
@@ -12,6 +13,8 @@ Importing this module imports lm_eval (only the lm-eval code paths import it).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -123,6 +126,62 @@ def run_suite(lm: EvalLM, suite: list, *, limit=None, batch_size: int = 8, inclu
         out[name] = {"num_fewshot": shots, "results": res["results"],
                      "samples": res.get("samples") if log_samples else None}
     return out
+
+
+def local_mmlu_tasks(data_dir: str | Path, out_dir: str | Path, subjects: list[str] | None = None,
+                     dev_split: str = "dev", test_split: str = "test", group: str = "mmlu_local") -> list[str]:
+    """lm-eval's own ``mmlu_<subject>`` tasks on local files in the cais/mmlu columns, offline.
+
+    Reads ``data_dir`` as ``eval.mmlu`` does (files named *dev* / *test*, columns question,
+    subject, choices, answer), writes one dev and one test jsonl per subject and, per subject, a
+    task yaml that ``include``s lm-eval's installed ``mmlu/default/mmlu_<subject>.yaml`` (its
+    prompt, description, first-n few-shot sampler from dev and ``acc`` metric) and replaces only
+    the data source; plus a group ``group`` aggregating ``acc`` weighted by size (lm-eval's mmlu
+    aggregation, the micro average). Returns ``[group, task, ...]``; use
+    ``TaskManager(include_path=out_dir)``.
+    """
+    import json
+
+    import lm_eval.tasks
+    import yaml
+
+    from eval.mmlu import answer_index, load_split
+
+    template_dir = Path(lm_eval.tasks.__file__).parent / "mmlu" / "default"
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split in (dev_split, test_split):
+        splits[split] = {}
+        for row in load_split("cais/mmlu", data_dir, split):
+            if not subjects or row["subject"] in subjects:
+                splits[split].setdefault(row["subject"], []).append(
+                    {"question": row["question"], "subject": row["subject"], "choices": list(row["choices"]),
+                     "answer": answer_index(row["answer"])})
+    names = sorted(splits[test_split])
+    if not names:
+        raise ValueError(f"no MMLU {test_split} questions under {str(data_dir)!r} for subjects {subjects}")
+    tasks = []
+    for subject in names:
+        template = template_dir / f"mmlu_{subject}.yaml"
+        if not template.is_file():
+            raise ValueError(f"{subject!r} is not an MMLU subject of lm-eval ({template} not found)")
+        if subject not in splits[dev_split]:
+            raise ValueError(f"MMLU subject {subject!r} has no {dev_split} rows (the few-shot examples)")
+        files = {}
+        for split, key in ((dev_split, "dev"), (test_split, "test")):
+            files[key] = out_dir / f"{subject}_{key}.jsonl"
+            files[key].write_text("".join(json.dumps(r) + "\n" for r in splits[split][subject]), encoding="utf-8")
+        task = f"{group}_{subject}"
+        config = {"include": str(template), "task": task, "tag": f"{group}_tasks", "dataset_path": "json",
+                  "dataset_name": None, "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
+                  "test_split": "test", "fewshot_split": "dev"}
+        (out_dir / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        tasks.append(task)
+    group_config = {"group": group, "task": tasks,
+                    "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
+    (out_dir / f"_{group}.yaml").write_text(yaml.safe_dump(group_config, sort_keys=False), encoding="utf-8")
+    return [group] + tasks
 
 
 def suite_rows(out: dict) -> list[list]:

@@ -37,11 +37,36 @@ class Needle:
     meta: dict = field(default_factory=dict)
 
 
+def resolve_needle(cfg: Mapping) -> tuple[str, Mapping]:
+    """``(kind, cfg)`` for the configured ``needle``: a kind name (``fact`` uses ``cfg["fact"]``), or the
+    user's own fact as a mapping ``{needle, question, answer[, answer_prefix]}`` (kind ``fact``)."""
+    spec = cfg["needle"]
+    if isinstance(spec, Mapping):
+        return "fact", dict(cfg, fact=dict(spec))
+    if spec not in NEEDLE_KINDS:
+        raise ValueError(f"unknown needle kind {spec!r}; known: {NEEDLE_KINDS}, or your own fact: "
+                         "niah.needle='{needle: ..., question: ..., answer: ...}' (or niah.needle=fact niah.fact.needle=...)")
+    return spec, cfg
+
+
+def fact_needle(fact: Mapping) -> Needle:
+    """A user-written fact: its sentence, the question and the answer (which the sentence must contain)."""
+    fact = dict(fact or {})
+    missing = [k for k in ("needle", "question", "answer") if not str(fact.get(k) or "").strip()]
+    if missing:
+        raise ValueError(f"a fact needle needs a non-empty {', '.join(missing)} (niah.fact.* or "
+                         "niah.needle='{needle: ..., question: ..., answer: ...}')")
+    text, answer = str(fact["needle"]).strip(), str(fact["answer"]).strip()
+    if answer.lower() not in text.lower():
+        raise ValueError(f"the needle's answer {answer!r} does not occur in the needle {text!r}: "
+                         "nothing could be retrieved")
+    return Needle([text + "\n"], str(fact["question"]).strip(), [answer], str(fact.get("answer_prefix") or "").strip())
+
+
 def make_needle(kind: str, rng: random.Random, cfg: Mapping) -> Needle:
     """Draw one needle of ``kind`` (settings in ``cfg``: fact, passkey_digits, num_keys, num_values)."""
     if kind == "fact":
-        fact = cfg["fact"]
-        return Needle([fact["needle"].strip() + "\n"], fact["question"], [fact["answer"]], fact.get("answer_prefix", ""))
+        return fact_needle(cfg.get("fact"))
     if kind == "passkey":
         digits = int(cfg.get("passkey_digits", 5))
         key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
@@ -92,44 +117,91 @@ def score_prediction(prediction: str, answers: Sequence[str]) -> tuple[float, fl
 # ---------------------------------------------------------------- haystack
 
 
-def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int) -> list[str]:
+def read_text_file(path: str | Path) -> str:
+    """A plain-text file's text: UTF-8 (a BOM dropped), UTF-16 with a BOM, else Latin-1; line ends
+    made ``\\n``."""
+    data = Path(path).read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        data = data.decode("utf-16").encode("utf-8")
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"haystack corpus file {str(path)!r} is not plain text (it has NUL bytes)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def text_lines(text: str, max_line_chars: int = 200) -> list[str]:
+    """The non-blank lines of ``text``, each ending in a newline; a line longer than ``max_line_chars``
+    is cut into pieces after a space (or at ``max_line_chars`` in a run without one), so that
+    prose written one paragraph per line still gives fine-grained haystack (and needle) boundaries.
+    The pieces of a line join back to it."""
+    if max_line_chars < 1:
+        raise ValueError(f"max_line_chars must be >= 1, got {max_line_chars}")
+    out = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        line += "\n"
+        while len(line) > max_line_chars:
+            lead = len(line) - len(line.lstrip(" \t"))  # not inside the indentation
+            cut = max(line.rfind(" ", lead, max_line_chars), line.rfind("\t", lead, max_line_chars)) + 1
+            cut = cut if cut > lead else max_line_chars
+            out.append(line[:cut])
+            line = line[cut:]
+        if line.strip():
+            out.append(line)
+        elif out:
+            out[-1] += line  # only spaces left: they stay on the last piece
+    return out
+
+
+def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int, max_line_chars: int = 200) -> list[str]:
     """Lines (with their newlines) of the corpus, at most about ``max_chars`` characters.
 
     ``corpus``: "pystdlib" / None (the standard library's .py files, sorted), "passkey_filler"
     (the classic passkey test's repeated "The grass is green..." sentences, as in
-    :mod:`data.synthetic`'s passkey documents), a file, a directory (its *.txt, *.md, *.py
-    files, sorted), or a list of such paths.
+    :mod:`data.synthetic`'s passkey documents), or your own text: a plain-text file of any name,
+    a directory (its *.txt, *.md, *.py files, sorted), or a list of such paths. Your files are read
+    as UTF-8 (UTF-16 with a BOM, else Latin-1) with any line ends, blank lines dropped and long lines cut
+    (:func:`text_lines`); the text is used once, never repeated (see :func:`run_niah`).
     """
     if corpus == "passkey_filler":
         from data.synthetic import PASSKEY_FILLER
 
         return list(PASSKEY_FILLER) * max(1, -(-max_chars // sum(map(len, PASSKEY_FILLER))))
+    lines, total = [], 0
     if corpus in (None, "pystdlib"):
         from data.sources import PyStdlibSource, stdlib_files
 
-        files = stdlib_files(PyStdlibSource())
-    else:
-        files = []
-        for item in [corpus] if isinstance(corpus, (str, Path)) else list(corpus):
-            p = Path(item)
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise ValueError(f"haystack corpus path {str(p)!r} does not exist")
-    lines, total = [], 0
+        for f in stdlib_files(PyStdlibSource()):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            for line in text.splitlines(keepends=True):
+                if line.strip():
+                    lines.append(line if line.endswith("\n") else line + "\n")
+                    total += len(line)
+            if total >= max_chars:
+                break
+        return lines
+    files = []
+    for item in [corpus] if isinstance(corpus, (str, Path)) else list(corpus):
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"haystack corpus path {str(p)!r} does not exist")
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
-        for line in text.splitlines(keepends=True):
-            if line.strip():
-                lines.append(line if line.endswith("\n") else line + "\n")
-                total += len(line)
-        if total >= max_chars:
-            break
+        for line in text_lines(read_text_file(f), max_line_chars):
+            lines.append(line)
+            total += len(line)
+            if total >= max_chars:
+                return lines
     if not lines:
         raise ValueError(f"haystack corpus {corpus!r} has no text")
     return lines
@@ -138,16 +210,17 @@ def corpus_lines(corpus: str | Sequence[str] | None, max_chars: int) -> list[str
 class Haystack:
     """Corpus lines with their token counts (each line encoded on its own), to budget haystacks."""
 
-    def __init__(self, lines: Sequence[str], encode):
+    def __init__(self, lines: Sequence[str], encode, name: str = "corpus"):
         self.lines = list(lines)
         self.lengths = [len(encode(line)) for line in self.lines]
         self.total_tokens = sum(self.lengths)
+        self.name = name
 
     def take_indices(self, start: int, budget: int) -> list[int]:
-        """Indices of consecutive lines from ``start`` (wrapping around) while their token counts
-        fit in ``budget``."""
+        """Indices of consecutive lines from ``start`` (wrapping around past the end to the first
+        line, each line at most once) while their token counts fit in ``budget``."""
         out, used, i = [], 0, start % len(self.lines)
-        for _ in range(len(self.lines) * 64):  # wrap around when the corpus is shorter than the budget
+        for _ in range(len(self.lines)):
             if used + self.lengths[i] > budget:
                 break
             out.append(i)
@@ -184,6 +257,13 @@ def build_sample(lm, haystack: Haystack, needle: Needle, length: int, depth: flo
     if budget < 1:
         raise ValueError(f"context length {length} is too short for the prompt and needle "
                          f"({length - budget} tokens without haystack)")
+    if budget > haystack.total_tokens:
+        raise ValueError(
+            f"haystack corpus {haystack.name} is too short for context length {length}: it has "
+            f"{haystack.total_tokens} tokens ({len(haystack.lines)} lines), a {length}-token prompt needs "
+            f"{budget} besides the instructions and needle, and the text is not repeated. Use a longer text "
+            "(a bigger file, a directory or a list of files: niah.corpus=...) or shorter niah.context_lengths"
+            " (if the corpus is larger than that, raise niah.chars_per_token: it caps how much is read)")
     start = rng.randrange(len(haystack.lines))
     state = rng.getstate()
 
@@ -197,21 +277,23 @@ def build_sample(lm, haystack: Haystack, needle: Needle, length: int, depth: flo
     while len(ids) > length and n > 0:
         n -= 1
         ids = encode(n)
-    while n < len(haystack.lines) * 64 and len(more := encode(n + 1)) <= length:
+    while n < len(haystack.lines) and len(more := encode(n + 1)) <= length:  # each line at most once
         n, ids = n + 1, more
     return ids
 
 
 def run_niah(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[dict]]:
     """Evaluate the grid; returns (results with grids and means, per-sample records)."""
-    kind = cfg["needle"]
+    kind, cfg = resolve_needle(cfg)
     lengths = [int(x) for x in cfg["context_lengths"]]
     depths = [float(x) for x in cfg["depths"]]
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError(f"depths must be fractions in [0, 1], got {depths}")
     n = int(cfg.get("samples_per_cell", 1))
-    lines = corpus_lines(cfg.get("corpus"), max_chars=int(max(lengths) * float(cfg.get("chars_per_token", 8))))
-    haystack = Haystack(lines, lm.tokenizer.encode)
+    corpus = cfg.get("corpus")
+    lines = corpus_lines(corpus, max_chars=int(max(lengths) * float(cfg.get("chars_per_token", 8))),
+                         max_line_chars=int(cfg.get("max_line_chars", 200)))
+    haystack = Haystack(lines, lm.tokenizer.encode, name=repr(corpus if corpus is not None else "pystdlib"))
     jobs = []
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depths):

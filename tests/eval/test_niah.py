@@ -126,3 +126,87 @@ def test_too_short_context_is_an_error(tiny_lm):
                context_lengths=[8], depths=[0.5], max_new_tokens=2, corpus="pystdlib")
     with pytest.raises(ValueError, match="too short"):
         niah.run_niah(tiny_lm, cfg, progress=False)
+
+
+WORDS = "river stone quiet lantern harvest meadow copper window silver morning garden letter winter".split()
+
+
+def _prose(path, paragraphs, words_per_paragraph=120, seed=0):
+    """A UTF-8 text with a BOM, CRLF line ends, one long line per paragraph and blank lines between."""
+    rng = random.Random(seed)
+    paras = [" ".join(rng.choice(WORDS) for _ in range(words_per_paragraph)).capitalize() + ". Café."
+             for _ in range(paragraphs)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(paras).encode("utf-8"))
+    return paras
+
+
+def test_user_text_file_corpus(tmp_path):
+    paras = _prose(tmp_path / "book", 3)  # any file name
+    lines = niah.corpus_lines(tmp_path / "book", 10_000, max_line_chars=200)
+    assert all(len(line) <= 200 for line in lines) and len(lines) > 3 * 3
+    assert "".join(lines) == "".join(p + "\n" for p in paras)  # long lines cut after spaces, nothing lost
+    assert not lines[0].startswith("\ufeff") and "\r" not in "".join(lines)
+    assert niah.text_lines("a" * 25 + "\n", 10) == ["a" * 10, "a" * 10, "aaaaa\n"]  # no space: cut anyway
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\nsecond\n".encode("latin-1"))
+    assert niah.corpus_lines(tmp_path / "latin1.txt", 100) == ["café au lait\n", "second\n"]
+    (tmp_path / "utf16.txt").write_bytes("café\r\nsecond".encode("utf-16"))
+    assert niah.corpus_lines(tmp_path / "utf16.txt", 100) == ["café\n", "second\n"]
+    (tmp_path / "data.bin").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match="not plain text"):
+        niah.corpus_lines(tmp_path / "data.bin", 100)
+
+
+def test_user_needles():
+    kind, cfg = niah.resolve_needle({"needle": {"needle": "The code word is heron.", "question": "What is the code word?",
+                                                "answer": "heron"}})
+    needle = make_needle(kind, random.Random(0), cfg)
+    assert kind == "fact" and needle.lines == ["The code word is heron.\n"] and needle.answers == ["heron"]
+    assert niah.fact_needle({"needle": "Room 42 is blue.", "question": "Which room?", "answer": 42}).answers == ["42"]
+    with pytest.raises(ValueError, match="does not occur in the needle"):
+        niah.fact_needle({"needle": "The code word is heron.", "question": "Code?", "answer": "crane"})
+    with pytest.raises(ValueError, match="non-empty question"):
+        niah.fact_needle({"needle": "The code word is heron.", "answer": "heron"})
+    with pytest.raises(ValueError, match="unknown needle kind 'passkeys'"):
+        niah.resolve_needle({"needle": "passkeys"})
+
+
+def _user_cfg(tmp_path, **kw):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load("configs/eval/niah.yaml"))
+    cfg.update(needle={"needle": "The code word is heron.", "question": "What is the code word?", "answer": "heron",
+                       "answer_prefix": "The code word is"},
+               corpus=str(tmp_path / "book.txt"), depths=[0.0, 0.5, 1.0], samples_per_cell=1, max_new_tokens=2, **kw)
+    return cfg
+
+
+def test_run_niah_on_a_user_text_and_needle(tiny_lm, tmp_path):
+    _prose(tmp_path / "book.txt", 6)
+    results, records = niah.run_niah(tiny_lm, _user_cfg(tmp_path, context_lengths=[256, 448], max_line_chars=100), progress=False)
+    assert results["needle"] == "fact" and len(records) == 6
+    assert all(0.75 * r["context_length"] <= r["prompt_tokens"] <= r["context_length"] for r in records)
+    assert all(r["answers"] == ["heron"] and r["question"] == "What is the code word?" for r in records)
+
+
+def test_user_text_too_short_is_a_clear_error(tiny_lm, tmp_path):
+    _prose(tmp_path / "book.txt", 1, words_per_paragraph=30)
+    with pytest.raises(ValueError, match=r"haystack corpus '.*book.txt' is too short for context length 448: it has"):
+        niah.run_niah(tiny_lm, _user_cfg(tmp_path, context_lengths=[448]), progress=False)
+
+
+def test_documented_overrides_compose(tmp_path):
+    """niah.needle='{needle: ..., question: ..., answer: ...}' and niah.corpus=PATH, as configs/eval/niah.yaml shows."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            "task=niah", "checkpoint_path=x", f"niah.corpus={tmp_path / 'my notes.txt'}",
+            'niah.needle={needle: "The code word is heron.", question: "What is the code word?", answer: heron}'])
+    tcfg = OmegaConf.to_container(cfg.niah, resolve=True)
+    kind, tcfg = niah.resolve_needle(tcfg)
+    assert kind == "fact" and make_needle(kind, random.Random(0), tcfg).answers == ["heron"]
+    assert tcfg["corpus"] == str(tmp_path / "my notes.txt")
