@@ -75,7 +75,9 @@ class SyntheticSource:
     """Synthetic long-context documents (see :mod:`data.synthetic`).
 
     task: "passkey" | "needle" | "mqar" | "copy"; filler lengths in characters are drawn
-    uniformly from [min_filler_chars, max_filler_chars]; kwargs go to the generator.
+    uniformly from [min_filler_chars, max_filler_chars], needle depths from [min_depth, max_depth]
+    (0: the needle right after the document's head, far from the question); kwargs go to the
+    generator.
     """
 
     kind: str = "synthetic"
@@ -83,6 +85,8 @@ class SyntheticSource:
     num_documents: int = 1000
     min_filler_chars: int = 1000
     max_filler_chars: int = 8000
+    min_depth: float = 0.0
+    max_depth: float = 1.0
     seed: int = 0
     kwargs: dict = field(default_factory=dict)
 

@@ -30,6 +30,39 @@ HAYSTACK_SENTENCES = (
     "Fishermen mend their nets while they wait for the tide. ",
 )
 
+# Words for copy and MQAR documents: common English words and code identifiers, each one piece
+# (with its leading space) in the default bpe4096 tokenizer trained on the standard library
+# (tests/data/test_synthetic.py checks the demo tokenizer). A random letter string or number is
+# cut into one-character pieces instead, so that every look-up would need a match on several
+# tokens over a ~36-symbol alphabet (see make_copy_document).
+WORDS = tuple("""
+    act action add address after all allow anchor and any arch archive are argument assert auto back
+    base before bit block body bound break browser buffer build builtin button byte bytes cache call
+    callback can cancel cannot case change changed char chars check child chunk class classes close
+    closed code color column command commands comment compile compiler complete compress config
+    const contain content context control convert cookie copy count create current data date day
+    debug decode default defaults defined dialog digits display domain done edit element else empty
+    encode encoded encoding end entry error errors escape even event events except exist exists exit
+    expected extra fail field fields file filename files fill filter final find first fix flag flags
+    float font for form format found frame from full function future get global globals group hand
+    handle handler has hash header headers help here high host ignore image import include indent
+    index info initial input insert instance integer into invalid item items its join just key keys
+    label last left length level library like limit line lines link list literal load local locale
+    locals lock log logger long loop low mail main make man manager map mapping mark master match
+    max member menu message method methods min missing mode module modules month most multi name
+    names negative new next node nodes normal not now number object objects off offset old one only
+    open option options order other out output over pack package parent parse parser part parts pass
+    path paths pattern per pipe place platform point policy port position prefix present print
+    process protocol proxy put queue quote raise range raw read release remove replace request reset
+    response rest result return right root run running save scheme screen script search second
+    seconds section see select selector self send sent sequence server set sets setup shared show
+    sign signal simple size skip socket sort source space special specific split stack star start
+    state stop stream strict string strings strip sub suffix super sure system table tag tail target
+    task test tests text that the this thread time timeout title token top total tree true try type
+    types update use used user valid value values variable version view wait warning warnings way
+    week when where which while widget width win window with word work wrap write written year zero
+""".split())
+
 
 @dataclass
 class SyntheticDocument:
@@ -106,7 +139,8 @@ def make_passkey_document(rng, n_filler: int, depth: float, *, digits: int = 5,
             "Find it and memorize it. I will quiz you about the important information there.\n")
     before, after = _insert(_filler(r, PASSKEY_FILLER, n_filler, tokenizer, cycle=True), depth)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    return _doc([(head + before + needle + after + "\nWhat is the pass key? The pass key is ", False),
+    # no space before the question: the lone space piece before a digit then only ever precedes the key
+    return _doc([((head + before + needle + after).rstrip(" ") + "\nWhat is the pass key? The pass key is ", False),
                  (key, True), (".\n", False)], depth, {"task": "passkey"})
 
 
@@ -143,52 +177,77 @@ def make_needle_document(rng, n_filler: int, depth: float, *, num_needles: int =
 
 
 def make_mqar_document(rng, n_filler: int = 0, depth: float = 0.0, *, num_pairs: int = 16,
-                       num_queries: int = 8, key_len: int = 3, digits: int = 4,
+                       num_queries: int = 8, symbols: str = "words", key_len: int = 3, digits: int = 4,
                        tokenizer=None) -> SyntheticDocument:
-    """Multi-query associative recall: ``num_pairs`` key=value pairs, filler, then queried keys.
+    """Multi-query associative recall: ``num_pairs`` key-value pairs, filler, then queried keys.
 
-    ``depth`` places the pair list inside the filler; every answer is a value recalled by key.
+    ``symbols="words"``: keys and values are distinct :data:`WORDS` ("Remember these pairs: path
+    token, value queue, ...", then "Recall: value queue, ..."), so each value follows its key
+    directly, as in the MQAR benchmark's "k v" sequences. ``"chars"``: random ``key_len``-letter
+    keys and ``digits``-digit values ("xkw=5260"), which a sub-word tokenizer cuts into single
+    characters. ``depth`` places the pair list inside the filler; every answer is a value.
     """
     r = _as_random(rng)
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries} and {num_pairs}")
-    if num_pairs > len(string.ascii_lowercase) ** key_len // 2:
-        raise ValueError(f"num_pairs {num_pairs} too large for key_len {key_len}")
-    keys: list[str] = []
-    while len(keys) < num_pairs:
-        k = _word(r, key_len)
-        if k not in keys:
-            keys.append(k)
-    values = {k: str(r.randint(10 ** (digits - 1), 10**digits - 1)) for k in keys}
-    pairs = "Remember these pairs: " + ", ".join(f"{k}={values[k]}" for k in keys) + ".\n"
+    if symbols == "words":
+        if 2 * num_pairs > len(WORDS):
+            raise ValueError(f"num_pairs {num_pairs} too large: {len(WORDS)} words give at most {len(WORDS) // 2}")
+        drawn = r.sample(WORDS, 2 * num_pairs)
+        keys, values, sep = drawn[:num_pairs], dict(zip(drawn[:num_pairs], drawn[num_pairs:], strict=True)), " "
+    elif symbols == "chars":
+        if num_pairs > len(string.ascii_lowercase) ** key_len // 2:
+            raise ValueError(f"num_pairs {num_pairs} too large for key_len {key_len}")
+        keys = []
+        while len(keys) < num_pairs:
+            k = _word(r, key_len)
+            if k not in keys:
+                keys.append(k)
+        values = {k: str(r.randint(10 ** (digits - 1), 10**digits - 1)) for k in keys}
+        sep = "="
+    else:
+        raise ValueError(f"symbols must be 'words' or 'chars', got {symbols!r}")
+    pairs = "Remember these pairs: " + ", ".join(f"{k}{sep}{values[k]}" for k in keys) + ".\n"
     before, after = _insert(_filler(r, list(HAYSTACK_SENTENCES), n_filler, tokenizer), depth)
     pieces: list[tuple[str, bool]] = [(before + pairs + after + "\nRecall:", False)]
     for k in r.sample(keys, num_queries):
-        pieces += [(f" {k}=", False), (values[k], True), (",", False)]
+        pieces += [(f" {k}{sep}", False), (values[k], True), (",", False)]
     pieces.append(("\n", False))
-    return _doc(pieces, depth, {"task": "mqar", "num_pairs": num_pairs})
+    return _doc(pieces, depth, {"task": "mqar", "num_pairs": num_pairs, "symbols": symbols})
 
 
-def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, tokenizer=None) -> SyntheticDocument:
-    """Verbatim copy: a random sequence of 5-digit numbers and nonsense words, then the same
-    sequence again, ``n_filler`` characters (or tokens) long.
+def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str = "words",
+                       tokenizer=None) -> SyntheticDocument:
+    """Verbatim copy: a random sequence ``n_filler`` characters (or tokens) long, then the same
+    sequence again.
 
     Every token of the repetition can only be predicted by finding it in the first copy, the
     densest training signal for the look-up-and-copy attention circuit (an "induction head")
-    that passkey and needle retrieval use; a small model forms it within a few hundred steps
-    on such data, against thousands on retrieval documents alone. ``depth`` is unused (the
-    generators share one signature).
+    that passkey and needle retrieval use. ``symbols="words"``: distinct :data:`WORDS` (drawn
+    again only once all are used), so the token after the previous occurrence of the current
+    token is always the answer, the one-token match a small model learns first. ``"chars"``:
+    5-digit numbers and random 3-7 letter strings, which a sub-word tokenizer cuts into single
+    characters: a look-up then needs a match on several tokens, and a tiny model trained on
+    such documents stays at the unigram rate (docs/results/retrieval_probe/). ``depth`` is
+    unused (the generators share one signature).
     """
     r = _as_random(rng)
-    words, total = [], 0
+    if symbols not in ("words", "chars"):
+        raise ValueError(f"symbols must be 'words' or 'chars', got {symbols!r}")
+    words, total, pool = [], 0, []
     cost = (lambda w: len(tokenizer.encode(w))) if tokenizer is not None else len
     while total < max(1, n_filler):
-        w = (str(r.randint(10000, 99999)) if r.random() < 0.5 else _word(r, r.randint(3, 7))) + " "
+        if symbols == "words":
+            if not pool:
+                pool = r.sample(WORDS, len(WORDS))
+            w = pool.pop() + " "
+        else:
+            w = (str(r.randint(10000, 99999)) if r.random() < 0.5 else _word(r, r.randint(3, 7))) + " "
         words.append(w)
         total += cost(w)
     seq = "".join(words).rstrip()
-    return _doc([(f"Copy this text exactly.\n{seq}\nCopy: ", False), (seq, True), ("\n", False)], depth,
-                {"task": "copy"})
+    return _doc([(f"Copy this text exactly: {seq}\nCopy: ", False), (seq, True), ("\n", False)], depth,
+                {"task": "copy", "symbols": symbols})
 
 
 GENERATORS = {"passkey": make_passkey_document, "needle": make_needle_document, "mqar": make_mqar_document,
@@ -197,15 +256,24 @@ GENERATORS = {"passkey": make_passkey_document, "needle": make_needle_document, 
 
 def synthetic_texts(src) -> list[str]:
     """Documents for a :class:`data.sources.SyntheticSource` (filler length and depth drawn per document)."""
-    if src.task not in GENERATORS:
-        raise ValueError(f"unknown synthetic task {src.task!r}; expected one of {sorted(GENERATORS)}")
-    if not 0 <= src.min_filler_chars <= src.max_filler_chars:
-        raise ValueError(f"need 0 <= min_filler_chars <= max_filler_chars, got "
-                         f"{src.min_filler_chars} and {src.max_filler_chars}")
-    r = random.Random(src.seed)
-    gen = GENERATORS[src.task]
+    return [d.text for d in draw_documents(src.task, src.num_documents, src.min_filler_chars, src.max_filler_chars,
+                                           random.Random(src.seed), getattr(src, "min_depth", 0.0),
+                                           getattr(src, "max_depth", 1.0), src.kwargs)]
+
+
+def draw_documents(task: str, n: int, min_filler: int, max_filler: int, rng: random.Random,
+                   min_depth: float = 0.0, max_depth: float = 1.0, kwargs=None) -> list[SyntheticDocument]:
+    """``n`` documents of ``task``: filler lengths uniform in ``[min_filler, max_filler]`` (characters),
+    depths uniform in ``[min_depth, max_depth]``; ``kwargs`` go to the generator."""
+    if task not in GENERATORS:
+        raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(GENERATORS)}")
+    if not 0 <= min_filler <= max_filler:
+        raise ValueError(f"need 0 <= min_filler_chars <= max_filler_chars, got {min_filler} and {max_filler}")
+    if not 0.0 <= min_depth <= max_depth <= 1.0:
+        raise ValueError(f"need 0 <= min_depth <= max_depth <= 1, got {min_depth} and {max_depth}")
+    gen = GENERATORS[task]
     out = []
-    for _ in range(src.num_documents):
-        n = r.randint(src.min_filler_chars, src.max_filler_chars)
-        out.append(gen(r, n, r.random(), **dict(src.kwargs)).text)
+    for _ in range(n):
+        length = rng.randint(min_filler, max_filler)
+        out.append(gen(rng, length, min_depth + (max_depth - min_depth) * rng.random(), **dict(kwargs or {})))
     return out

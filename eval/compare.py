@@ -2,11 +2,13 @@
 
     python -m eval.compare outputs/runs/exp-nsa outputs/runs/exp-full --out outputs/compare/exp
     python -m eval.compare outputs/eval/exp-nsa outputs/eval/exp-full --out DIR [--wandb-report --entity E]
+    python -m eval.compare RUN... --out DIR --summary DIR/summary.json   # also the machine-readable summary
 
 Each argument is a run dir (``metrics.jsonl``, ``export/``; its evaluations are looked
 up in ``<eval-root>/<run name>/``) or an eval dir (``<task>/results.json``; its run
 is the ``run_dir`` recorded there). Writes ``report.md`` plus PNG figures in ``--out``:
-a summary with throughput, loss curves, held-out loss by position, NIAH heatmaps
+a plain-words verdict (what NSA won, lost and tied against full attention), a summary
+with throughput, loss curves, held-out loss by position, NIAH heatmaps
 next to each other, LongBench / MMLU / lm-eval tables. ``--wandb-report`` also builds
 a wandb-workspaces report for the runs' group (saved only with ``--publish``).
 """
@@ -228,6 +230,82 @@ def retrieval_section(entries: list[Entry]) -> str:
             + markdown_table(["run"] + tasks, rows, 3) + "\n")
 
 
+def short_name(entry: Entry, entries: list[Entry]) -> str:
+    """The run's name without the experiment prefix all runs share ("demo-nsa" -> "nsa")."""
+    prefixes = {e.name.split("-", 1)[0] for e in entries if "-" in e.name}
+    if len(prefixes) == 1 and all("-" in e.name for e in entries):
+        return entry.name.split("-", 1)[1]
+    return entry.name
+
+
+def summary(entries: list[Entry]) -> dict:
+    """Machine-readable results: per run (short name) its final validation loss, steps trained and,
+    per retrieval task, the exact-answer and per-token accuracy; plus the commit the runs were
+    trained at (their ``git_commit.txt``; several, comma-separated, if they differ)."""
+    runs, commits = {}, []
+    for e in entries:
+        steps, _ = series(e.metrics, "train/loss")
+        run = {"attention": e.attention, "val_loss": _last(e.metrics, "val/loss"),
+               "steps": int(steps[-1]) if steps else None}
+        if "retrieval" in e.results:
+            run["retrieval"] = {t: {"exact": r["exact"], "per_token": r["token_acc"], "answers": r["answers"]}
+                                for t, r in e.results["retrieval"]["results"].items()}
+        if "niah" in e.results:
+            run["niah"] = {"overall": e.results["niah"]["results"]["overall"],
+                           "overall_exact": e.results["niah"]["results"]["overall_exact"]}
+        runs[short_name(e, entries)] = run
+        f = e.run_dir / "git_commit.txt" if e.run_dir is not None else None
+        commit = f.read_text().strip() if f is not None and f.is_file() else "unknown"
+        if commit not in commits:
+            commits.append(commit)
+    return {"runs": runs, "commit": ",".join(commits)}
+
+
+def _verdict_rows(nsa: dict, full: dict) -> list[tuple[str, str, str]]:
+    """(measure, NSA vs full, outcome) for every measure both runs have."""
+    rows = []
+
+    def compare(label, a, b, higher_better, tie, fmt="{:.3f}"):
+        if a is None or b is None:
+            return
+        d = (a - b) if higher_better else (b - a)
+        outcome = "tied" if abs(a - b) <= tie else ("NSA won" if d > 0 else "NSA lost")
+        rows.append((label, f"{fmt.format(a)} vs {fmt.format(b)}", outcome))
+
+    compare("final validation loss (lower is better)", nsa.get("val_loss"), full.get("val_loss"), False,
+            0.01 * abs(full.get("val_loss") or 0), "{:.4f}")
+    for task in full.get("retrieval", {}):
+        if task in nsa.get("retrieval", {}):
+            compare(f"{task} retrieval, exact answers", nsa["retrieval"][task]["exact"],
+                    full["retrieval"][task]["exact"], True, 0.05)
+    if "niah" in nsa and "niah" in full:
+        compare("needle in a haystack, mean score", nsa["niah"]["overall"], full["niah"]["overall"], True, 0.05)
+    if nsa.get("tokens_per_sec") and full.get("tokens_per_sec"):
+        compare("training speed (tokens/s)", nsa["tokens_per_sec"], full["tokens_per_sec"], True,
+                0.05 * full["tokens_per_sec"], "{:.0f}")
+    return rows
+
+
+def verdict_section(entries: list[Entry]) -> str:
+    """In plain words: what the NSA run won, lost and tied against the full-attention run (ties:
+    within 1% of the loss, 0.05 of an accuracy, 5% of the speed)."""
+    nsa = next((e for e in entries if e.attention == "nsa"), None)
+    full = next((e for e in entries if e.attention == "full"), None)
+    if nsa is None or full is None:
+        return ""
+    s = summary([nsa, full])["runs"]
+    a, b = s[short_name(nsa, [nsa, full])], s[short_name(full, [nsa, full])]
+    a["tokens_per_sec"], b["tokens_per_sec"] = throughput(nsa.metrics)["median"], throughput(full.metrics)["median"]
+    rows = _verdict_rows(a, b)
+    if not rows:
+        return ""
+    by = {k: [m for m, _, o in rows if o == k] for k in ("NSA won", "NSA lost", "tied")}
+    words = {"NSA won": "won", "NSA lost": "lost", "tied": "tied"}
+    lines = [f"- **{words[k]}**: " + "; ".join(v) for k, v in by.items() if v]
+    return (f"## Verdict: {nsa.name} (NSA) against {full.name} (full attention)\n\n" + "\n".join(lines) + "\n\n"
+            + markdown_table(["measure", "NSA vs full", "outcome"], [list(r) for r in rows], 4) + "\n")
+
+
 def build_report(entries: list[Entry], out: Path) -> Path:
     """Write ``out/report.md`` and its figures; returns the report path."""
     if len(entries) < 1:
@@ -235,9 +313,9 @@ def build_report(entries: list[Entry], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     head = "# " + " vs ".join(e.name for e in entries) + "\n\n"
     head += "Sources: " + "; ".join(f"{e.name}: run {e.run_dir or '-'}, eval {e.eval_dir or '-'}" for e in entries) + "\n\n"
-    parts = [head, summary_section(entries), "\n", curves_section(entries, out), ppl_section(entries, out),
-             niah_section(entries, out), retrieval_section(entries), longbench_section(entries, out),
-             mmlu_section(entries), general_section(entries)]
+    parts = [head, verdict_section(entries), summary_section(entries), "\n", curves_section(entries, out),
+             ppl_section(entries, out), niah_section(entries, out), retrieval_section(entries),
+             longbench_section(entries, out), mmlu_section(entries), general_section(entries)]
     path = out / "report.md"
     path.write_text("".join(parts), encoding="utf-8")
     return path
@@ -281,10 +359,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--entity", default=None, help="wandb entity (required with --wandb-report)")
     p.add_argument("--group", default=None, help="wandb run group (default: the runs' group)")
     p.add_argument("--publish", action="store_true", help="save the wandb report online (needs a login)")
+    p.add_argument("--summary", default=None, help="also write the machine-readable summary (JSON) here")
     args = p.parse_args(argv)
     entries = [load_entry(x, args.eval_root) for x in args.paths]
     report = build_report(entries, Path(args.out))
     print(f"[compare] wrote {report}")
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary(entries), indent=2) + "\n", encoding="utf-8")
+        print(f"[compare] wrote {args.summary}")
     if args.wandb_report:
         from eval.checkpoint import run_wandb_group, run_wandb_project
 

@@ -9,6 +9,12 @@ true prefix would produce. Per task it reports the share of answers retrieved (`
 answer tokens predicted (``token_acc``) and of documents with every answer retrieved
 (``doc_exact``), and the same in ``num_buckets`` buckets of document length.
 
+Beside the model's scores, ``lookup_exact`` / ``lookup_token_acc`` are what a perfect one-token
+look-up (an ideal induction head: predict the token that followed the latest earlier occurrence of
+the current token) scores on the same documents: how far a task is from the match-one-token-and-copy
+circuit a small model learns first. Near 1, one such head solves it; far below 1, every answer needs
+a match on several tokens (e.g. random letter strings cut into single characters).
+
 Documents are tokenised whole, as in training; an answer's tokens are those that overlap its
 characters (a leading-space piece such as "▁word" counts as part of the answer "word").
 """
@@ -22,20 +28,19 @@ import torch
 
 from eval.io import markdown_table
 
-TASK_KWARGS = ("min_filler_chars", "max_filler_chars", "num_documents", "kwargs")
+TASK_KWARGS = ("min_filler_chars", "max_filler_chars", "min_depth", "max_depth", "num_documents", "kwargs")
 
 
-def documents(task: str, n: int, min_filler: int, max_filler: int, seed: int, kwargs: Mapping | None = None):
-    """``n`` documents of ``task`` with filler lengths uniform in ``[min_filler, max_filler]``."""
-    from data.synthetic import GENERATORS
+def documents(task: str, n: int, min_filler: int, max_filler: int, seed: int, kwargs: Mapping | None = None,
+              min_depth: float = 0.0, max_depth: float = 1.0):
+    """``n`` documents of ``task`` with filler lengths uniform in ``[min_filler, max_filler]`` and
+    needle depths in ``[min_depth, max_depth]``, from a seed of their own per task."""
+    from data.synthetic import GENERATORS, draw_documents
 
     if task not in GENERATORS:
         raise ValueError(f"unknown retrieval task {task!r}; known: {sorted(GENERATORS)}")
-    if not 0 <= min_filler <= max_filler:
-        raise ValueError(f"need 0 <= min_filler_chars <= max_filler_chars, got {min_filler} and {max_filler}")
-    r = random.Random(f"{seed}-{task}")
-    return [GENERATORS[task](r, r.randint(min_filler, max_filler), r.random(), **dict(kwargs or {}))
-            for _ in range(n)]
+    return draw_documents(task, n, min_filler, max_filler, random.Random(f"{seed}-{task}"), min_depth, max_depth,
+                          kwargs)
 
 
 def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
@@ -79,14 +84,34 @@ def score_document(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[tup
     return [(sum(right[s - 1:e - 1]), e - s) for s, e in spans]
 
 
+def one_token_lookup(ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Per answer: (tokens an ideal one-token look-up predicts right, tokens). Token ``p`` is predicted
+    as the token after the latest ``q < p - 1`` with ``ids[q] == ids[p - 1]`` (wrong if none)."""
+    last: dict[int, int] = {}  # token -> latest position seen so far, among positions < p - 1
+    out, seen = [], 0
+    for s, e in spans:
+        right = 0
+        for p in range(s, e):
+            while seen < p - 1:
+                last[ids[seen]] = seen
+                seen += 1
+            q = last.get(ids[p - 1])
+            right += q is not None and ids[q + 1] == ids[p]
+        out.append((right, e - s))
+    return out
+
+
 def _summary(rows: list[dict]) -> dict:
     answers = [a for r in rows for a in r["answers"]]
+    lookup = [a for r in rows for a in r.get("lookup", [])]
     return {
         "documents": len(rows),
         "answers": len(answers),
         "exact": sum(ok == n for ok, n in answers) / max(1, len(answers)),
         "token_acc": sum(ok for ok, _ in answers) / max(1, sum(n for _, n in answers)),
         "doc_exact": sum(all(ok == n for ok, n in r["answers"]) for r in rows) / max(1, len(rows)),
+        "lookup_exact": sum(ok == n for ok, n in lookup) / max(1, len(lookup)),
+        "lookup_token_acc": sum(ok for ok, _ in lookup) / max(1, sum(n for _, n in lookup)),
     }
 
 
@@ -106,7 +131,8 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
             raise ValueError(f"retrieval.tasks.{task}: unknown keys {unknown}; allowed: {list(TASK_KWARGS)}")
         docs = documents(task, int(tc.get("num_documents", cfg.get("num_documents", 32))),
                          int(tc.get("min_filler_chars", 0)), int(tc.get("max_filler_chars", 1000)),
-                         int(cfg.get("seed", 0)), tc.get("kwargs"))
+                         int(cfg.get("seed", 0)), tc.get("kwargs"), float(tc.get("min_depth", 0.0)),
+                         float(tc.get("max_depth", 1.0)))
         rows = []
         for doc in tqdm(docs, desc=f"retrieval/{task}", disable=not progress):
             ids, spans = tokenize(lm, doc)
@@ -114,7 +140,7 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
                 raise ValueError(f"a {task} document has {len(ids)} tokens, more than max_length {lm.max_length}: "
                                  f"lower retrieval.tasks.{task}.max_filler_chars")
             rows.append({"task": task, "tokens": len(ids), "depth": doc.depth,
-                         "answers": score_document(lm, ids, spans)})
+                         "answers": score_document(lm, ids, spans), "lookup": one_token_lookup(ids, spans)})
         res = _summary(rows)
         # by document length: in longer documents the source of the answer can be further back
         order = sorted(rows, key=lambda r: r["tokens"])
@@ -125,14 +151,17 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
                 res["by_length"].append({"min_tokens": part[0]["tokens"], "max_tokens": part[-1]["tokens"],
                                          **_summary(part)})
         results[task] = res
-        records += [{**r, "answers": [list(a) for a in r["answers"]]} for r in rows]
+        records += [{**r, "answers": [list(a) for a in r["answers"]], "lookup": [list(a) for a in r["lookup"]]}
+                    for r in rows]
     return results, records
 
 
 def results_markdown(results: Mapping) -> str:
-    rows = [[t, r["documents"], r["answers"], r["exact"], r["token_acc"], r["doc_exact"]] for t, r in results.items()]
+    rows = [[t, r["documents"], r["answers"], r["exact"], r["token_acc"], r["doc_exact"], r["lookup_exact"],
+             r["lookup_token_acc"]] for t, r in results.items()]
     md = "# Retrieval on held-out synthetic documents\n\n"
-    md += markdown_table(["task", "documents", "answers", "exact", "token acc", "doc exact"], rows, 3)
+    md += markdown_table(["task", "documents", "answers", "exact", "token acc", "doc exact",
+                          "one-token look-up exact", "look-up token acc"], rows, 3)
     for t, r in results.items():
         md += f"\n\n## {t}: by document length\n\n"
         md += markdown_table(["tokens", "documents", "exact", "token acc"],

@@ -25,6 +25,8 @@ from nsa.cache import (
 from nsa.ops.common import check_block_params, check_selection_params
 from nsa.rope import apply_rotary
 
+BRANCHES = ("cmp", "slc", "win")  # compressed, selected, sliding window: the gate order
+
 
 @dataclass
 class NSAConfig:
@@ -46,6 +48,9 @@ class NSAConfig:
     compress: str = "mlp"  # "mlp": pe + MLP over the flattened block; "mean": mean pooling
     compress_hidden: int | None = None  # phi hidden width; None -> the phi's output dim (Dk or Dv)
     backend: str | None = None  # "torch" | "triton" | None (the API default for the device)
+    # The branches whose gated outputs are summed: an ablation drops some, e.g. ("win",) keeps only
+    # the sliding window (nothing outside it can be attended to); the others are not computed.
+    branches: tuple[str, ...] = BRANCHES
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible setting."""
@@ -66,6 +71,10 @@ class NSAConfig:
             raise ValueError(f"compress_hidden must be a positive int or None, got {h!r}")
         if self.backend not in (None, "torch", "triton"):
             raise ValueError(f"backend must be 'torch', 'triton' or None, got {self.backend!r}")
+        branches = tuple(self.branches)
+        if not branches or len(set(branches)) != len(branches) or not set(branches) <= set(BRANCHES):
+            raise ValueError(f"branches must be a non-empty subset of {list(BRANCHES)} without repeats, "
+                             f"got {list(branches)}")
 
 
 class BlockCompressor(nn.Module):
@@ -190,17 +199,23 @@ class NSAAttention(nn.Module):
         return self.compress(kb, vb)
 
     def _attend(self, q, kv, cu_seqlens):
-        """The three branch outputs ``[B,T,H,Dv]`` over the full sequence, via the functional API."""
+        """The three branch outputs ``[B,T,H,Dv]`` over the full sequence, via the functional API
+        (``None`` for a branch that ``cfg.branches`` leaves out)."""
         cfg = self.cfg
         be = cfg.backend
         blk = dict(block_len=cfg.block_len, stride=cfg.stride)
         k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
-        o_cmp, _, idx = nsa.compressed_attention_and_select(
-            q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select, num_init=cfg.num_init,
-            num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
-        o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
-                                       backend=be)
-        o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens, backend=be)
+        o_cmp = o_slc = o_win = None
+        if "cmp" in cfg.branches or "slc" in cfg.branches:  # selection scores come from the compressed branch
+            o_cmp, _, idx = nsa.compressed_attention_and_select(
+                q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
+                num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
+        if "slc" in cfg.branches:
+            o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
+                                           backend=be)
+        if "win" in cfg.branches:
+            o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens,
+                                                 backend=be)
         return (o_cmp, o_slc, o_win), (k_cmp, v_cmp)
 
     def _decode(self, q, kv, cache: NSACache):
@@ -275,7 +290,7 @@ class NSAAttention(nn.Module):
             if cache is not None:
                 cache.append(kv, self.compress, compressed=compressed)
         g = torch.sigmoid(self.gate_proj(x)).view(B, T, H, 3)
-        self.last_gate_means = {f"g_{name}": g[..., i].detach().float().mean() for i, name in
-                                enumerate(("cmp", "slc", "win"))}
-        o = sum(g[..., i, None] * outs[i].to(g.dtype) for i in range(3))
+        on = [i for i, name in enumerate(BRANCHES) if name in cfg.branches]
+        self.last_gate_means = {f"g_{BRANCHES[i]}": g[..., i].detach().float().mean() for i in on}
+        o = sum(g[..., i, None] * outs[i].to(g.dtype) for i in on)
         return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))

@@ -47,9 +47,13 @@ def test_scores_follow_the_predictions(tok):
         assert sum(b["documents"] for b in right[t]["by_length"]) == 6
     assert right["mqar"]["answers"] == 6 * 3 and right["passkey"]["answers"] == 6
     assert len(records) == 18 and {r["task"] for r in records} == set(TASKS)
-    # wrong on digits only: passkey and mqar answers are all digits, copy answers mix words and numbers
+    # wrong on digits only: passkey answers are all digits, MQAR and copy answers (words) have none;
+    # with symbols="chars" MQAR values are digits again and copy sequences mix words and numbers
     digits, _ = retrieval.run_retrieval(LookAheadLM(tok, wrong_digits=True), cfg, progress=False)
-    assert digits["passkey"]["token_acc"] == digits["mqar"]["token_acc"] == 0.0
+    assert digits["passkey"]["token_acc"] == 0.0 and digits["mqar"]["exact"] == digits["copy"]["exact"] == 1.0
+    chars = {t: {**c, "kwargs": {**c.get("kwargs", {}), "symbols": "chars"}} for t, c in TASKS.items() if t != "passkey"}
+    digits, _ = retrieval.run_retrieval(LookAheadLM(tok, wrong_digits=True), {**cfg, "tasks": chars}, progress=False)
+    assert digits["mqar"]["token_acc"] == 0.0
     assert 0.0 < digits["copy"]["token_acc"] < 1.0 and digits["copy"]["exact"] == 0.0
     md = retrieval.results_markdown(right)
     assert md.startswith("# Retrieval") and "## copy: by document length" in md
@@ -66,6 +70,24 @@ def test_answer_tokens_are_located_exactly(tok):
             for (s, e), ans in zip(spans, doc.answers, strict=True):
                 assert tok.decode(ids[s:e]).strip() == ans
                 assert ans not in tok.decode(ids[s + 1:e]) and ans not in tok.decode(ids[s:e - 1])
+
+
+def test_one_token_lookup():
+    """The ideal one-token look-up: token p is predicted as the one after the latest earlier
+    occurrence (before p - 1) of token p - 1."""
+    ids = [1, 5, 6, 7, 9, 5, 6, 7, 6, 8]
+    # 5 after 9: no earlier 9; 6 after 5 (pos 1 -> 6); 7 after 6 (pos 2 -> 7); 6 after 7 (pos 3 -> 9): wrong
+    assert retrieval.one_token_lookup(ids, [(5, 9)]) == [(2, 4)]
+    # 8 after 6: the latest earlier 6 is at pos 6, followed by 7: wrong
+    assert retrieval.one_token_lookup(ids, [(2, 4), (9, 10)]) == [(0, 2), (0, 1)]
+
+
+def test_depth_range_places_the_needle(tok):
+    docs = retrieval.documents("passkey", 8, 300, 400, seed=2, min_depth=0.0, max_depth=0.1)
+    assert all(0.0 <= d.depth <= 0.1 for d in docs)
+    assert all(d.text.index("The pass key is") < 0.25 * len(d.text) for d in docs)
+    with pytest.raises(ValueError, match="min_depth"):
+        retrieval.documents("passkey", 1, 10, 20, seed=0, min_depth=0.5, max_depth=0.2)
 
 
 def test_bad_settings(tok):

@@ -58,6 +58,9 @@ def tables(B: int, T: int, head_dim: int, start: int = 0):
         (dict(compress_hidden=0), "compress_hidden"),
         (dict(window=0), "window"),
         (dict(backend="cuda"), "backend"),
+        (dict(branches=()), "branches"),
+        (dict(branches=("win", "dense")), "branches"),
+        (dict(branches=("win", "win")), "branches"),
     ],
 )
 def test_config_rejects_impossible_settings(bad, match):
@@ -80,6 +83,30 @@ def test_shapes_dtypes_and_initial_gates(dtype):
     for v in layer.last_gate_means.values():
         assert not v.requires_grad
         assert abs(v.item() - 1 / 3) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("branches", [("win",), ("cmp", "slc"), ("slc", "win")])
+def test_branch_ablation_sums_only_the_kept_branches(branches):
+    """``branches`` keeps some gated branch outputs: the result is exactly the full layer's sum
+    restricted to them (same weights), the others are not computed, their gates not reported,
+    and a layer with only the window is blind beyond it."""
+    full = make_layer(3)
+    part = make_layer(3, branches=branches)
+    B, T = 2, 70
+    x = torch.randn(B, T, 32)
+    cos, sin = tables(B, T, 16)
+    q = apply_rotary(full.q_proj(x).view(B, T, 4, 16), cos, sin)
+    outs, _ = full._attend(q, full._branch_kv(x, cos, sin), None)
+    g = torch.sigmoid(full.gate_proj(x)).view(B, T, 4, 3)
+    keep = [i for i, name in enumerate(("cmp", "slc", "win")) if name in branches]
+    want = full.o_proj(sum(g[..., i, None] * outs[i] for i in keep).reshape(B, T, -1))
+    assert relerr(part(x, cos, sin), want) < TOL
+    assert set(part.last_gate_means) == {f"g_{b}" for b in branches}
+    if branches == ("win",):
+        assert all(o is None for o in part._attend(q, part._branch_kv(x, cos, sin), None)[0][:2])
+        changed = x.clone()
+        changed[:, :T - SMALL["window"] - 1] += 1.0  # tokens no query at T-1 can see in its window
+        assert relerr(part(changed, cos, sin)[:, -1], part(x, cos, sin)[:, -1]) < 1e-6
 
 
 def test_bad_inputs_raise():

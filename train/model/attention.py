@@ -4,9 +4,10 @@ cache=None) -> [B,T,C]`` and ``new_cache(batch_size, max_len, device, dtype)``.
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with
 ``enable_gqa`` (no K/V repeat). Packed documents (``cu_seqlens``, ``B == 1``) are
-isolated either by one block-diagonal causal mask (short rows, one kernel call) or,
-when that mask would exceed ``MASK_MAX_ELEMENTS``, by a loop over documents with
-``is_causal`` (memory O(longest document^2) at most, flash kernels on GPU).
+isolated either by one block-diagonal causal mask (short rows of few documents, one
+kernel call) or, when that mask would exceed ``MASK_MAX_ELEMENTS`` or mostly mask out
+scores between documents, by a loop over documents with ``is_causal`` (memory
+O(longest document^2) at most, flash kernels on GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from nsa.rope import apply_rotary
 
 MASK_MAX_ELEMENTS = 1 << 24  # 16M bools = 16 MiB: above this, loop over documents instead
+MASK_MIN_FILL = 0.5  # one masked call only if the documents' scores are at least this share of T^2
 
 
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
@@ -108,9 +110,15 @@ def decode_attention(q, k, v, *, scale, offset: int):
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, *, scale):
-    """Causal attention within each packed document of a ``B == 1`` row."""
+    """Causal attention within each packed document of a ``B == 1`` row.
+
+    One masked call over the whole row computes all ``T^2`` scores, so it is used only when
+    the documents' own ``sum(L_i^2)`` is at least half of that (few long documents) and the mask
+    is small; otherwise one causal call per document (e.g. 14 documents of ~300 tokens in 4
+    rows of 1024, flattened: 13x fewer scores, ~12x faster forward+backward on a CPU)."""
     T = q.shape[1]
-    if T * T <= MASK_MAX_ELEMENTS:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
+    if T * T <= MASK_MAX_ELEMENTS and float(lengths.square().sum()) >= MASK_MIN_FILL * T * T:
         pos = torch.arange(T, device=q.device)
         doc = torch.searchsorted(cu_seqlens[1:].to(torch.long), pos, right=True)
         mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])

@@ -154,6 +154,7 @@ class AttentionConfig:
     compress: str = "mlp"
     compress_hidden: int | None = None
     backend: str | None = None
+    branches: tuple[str, ...] = ("cmp", "slc", "win")  # an ablation keeps fewer, e.g. ["win"]
 
     def validate(self) -> None:
         if self.kind not in ("full", "nsa"):
@@ -176,6 +177,7 @@ class AttentionConfig:
             select_len=self.select_len, num_select=self.num_select, num_init=self.num_init,
             num_local=self.num_local, window=self.window, share_kv=self.share_kv,
             compress=self.compress, compress_hidden=self.compress_hidden, backend=self.backend,
+            branches=tuple(self.branches),
         )
 
     def to_dict(self) -> dict[str, Any]:

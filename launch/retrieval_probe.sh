@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Retrieval probe (configs/experiment/retrieval_probe.yaml): full attention, NSA, and NSA with only
+# its sliding window, trained on synthetic copy / MQAR / passkey documents whose answers lie beyond
+# NSA's window, then scored on held-out documents of the same kinds:
+#
+#   1 tokenizer        python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
+#   2 train-<run>      python -m train experiment=retrieval_probe attention=full | nsa |
+#                        nsa attention.branches=[win] run_name=retrieval_probe-nsa_window_only
+#   3 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
+#   4 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
+#
+# Stages skip like launch/demo.sh's (stamps in outputs/retrieval_probe/.stamps). The runs train one
+# after the other with every core, so each run's wall time is its own.
+# Environment: PYTHON; PROBE_OVERRIDES (extra `python -m train` overrides for every run, e.g.
+# "train.max_steps=20" for a smoke test); PROBE_RUNS (default "full nsa nsa_window_only");
+# PROBE_PUBLISH=DIR copies report.md, summary.json, the figures and the evaluation results to DIR
+# (docs/results/retrieval_probe is the committed copy).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=launch/demo.sh
+source launch/demo.sh
+NAME=${PROBE_NAME:-retrieval_probe}
+STAGES=4
+read -r -a RUNS <<<"${PROBE_RUNS:-full nsa nsa_window_only}"
+read -r -a EXTRA <<<"${PROBE_OVERRIDES:-}"
+run_setup "$NAME"
+echo "== retrieval probe on $DEVICE_DESC; outputs in $OUT"
+
+# run_args RUN: the `python -m train` overrides of one run of the probe
+run_args() {
+    case $1 in
+        full) echo "attention=full" ;;
+        nsa) echo "attention=nsa" ;;
+        nsa_window_only) echo "attention=nsa attention.branches=[win]" ;;
+        *) echo "unknown probe run $1 (expected full, nsa, nsa_window_only)" >&2; return 1 ;;
+    esac
+}
+
+stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
+    "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
+CONFIGS="configs/experiment/retrieval_probe.yaml configs/train.yaml configs/model/tiny.yaml"
+CONFIGS+=" configs/data/pystdlib_longctx.yaml configs/attention/nsa.yaml configs/attention/full.yaml data/synthetic.py"
+for a in "${RUNS[@]}"; do
+    read -r -a args <<<"$(run_args "$a")"
+    stage 2 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" "$CONFIGS" -- \
+        "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
+        "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+done
+
+# held-out documents drawn like the training mixture's (same lengths and depths, another seed)
+RETRIEVAL_ARGS=(retrieval.num_documents=64
+    "retrieval.tasks={copy: {min_filler_chars: 500, max_filler_chars: 950},
+      mqar: {min_filler_chars: 800, max_filler_chars: 1000, min_depth: 0.0, max_depth: 0.05},
+      passkey: {min_filler_chars: 720, max_filler_chars: 900, min_depth: 0.0, max_depth: 0.1}}")
+evals="" runs=()
+for a in "${RUNS[@]}"; do
+    run=outputs/runs/$NAME-$a
+    stage 3 "eval-retrieval-$a" "outputs/eval/$NAME-$a/retrieval/results.json" \
+        "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml" -- \
+        "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" progress=false
+    evals+=" outputs/eval/$NAME-$a/retrieval/results.json"
+    runs+=("$run")
+done
+stage 4 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
+    "$PY" -m eval.compare "${runs[@]}" --out "$OUT" --summary "$OUT/summary.json"
+
+if [[ -n ${PROBE_PUBLISH:-} ]]; then
+    mkdir -p "$PROBE_PUBLISH"
+    cp "$OUT"/report.md "$OUT"/summary.json "$OUT"/*.png "$TIMES" "$PROBE_PUBLISH/"
+    for a in "${RUNS[@]}"; do
+        cp "outputs/eval/$NAME-$a/retrieval/results.json" "$PROBE_PUBLISH/$a-retrieval.json"
+        cp "outputs/runs/$NAME-$a/config.yaml" "$PROBE_PUBLISH/$a-config.yaml"
+    done
+    echo "== published to $PROBE_PUBLISH"
+fi
+echo "== retrieval probe finished in $(( $(date +%s) - T_START ))s (this invocation); stage times:"
+stage_times_table "$TIMES"
+echo "== report: $(pwd)/$OUT/report.md"
