@@ -270,7 +270,10 @@ def build_sample(lm, haystack: Haystack, needle: Needle, length: int, depth: flo
     def encode(n):  # the prompt with the first n haystack lines from start (wrapping around)
         rng.setstate(state)  # the same needle slots on every try
         lines = [haystack.lines[(start + j) % len(haystack.lines)] for j in range(n)]
-        return lm.encode(cfg["prefix"] + "".join(insert_at_depth(lines, needle.lines, depth, rng)) + suffix)
+        body = "".join(insert_at_depth(lines, needle.lines, depth, rng))
+        if suffix.startswith("\n"):  # as data.synthetic's passkey documents: no space before the question
+            body = body.rstrip(" ")
+        return lm.encode(cfg["prefix"] + body + suffix)
 
     n = len(haystack.take_indices(start, budget))
     ids = encode(n)

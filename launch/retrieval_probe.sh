@@ -47,16 +47,13 @@ for a in "${RUNS[@]}"; do
         "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 done
 
-# held-out documents drawn like the training mixture's (same lengths and depths, another seed)
-RETRIEVAL_ARGS=(retrieval.num_documents=64
-    "retrieval.tasks={copy: {min_filler_chars: 500, max_filler_chars: 950},
-      mqar: {min_filler_chars: 800, max_filler_chars: 1000, min_depth: 0.0, max_depth: 0.05},
-      passkey: {min_filler_chars: 720, max_filler_chars: 900, min_depth: 0.0, max_depth: 0.1}}")
+# held-out documents drawn like the training mixture's long ones (configs/eval/retrieval_probe.yaml)
+RETRIEVAL_ARGS=(eval@retrieval=retrieval_probe)
 evals="" runs=()
 for a in "${RUNS[@]}"; do
     run=outputs/runs/$NAME-$a
     stage 3 "eval-retrieval-$a" "outputs/eval/$NAME-$a/retrieval/results.json" \
-        "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml" -- \
+        "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe.yaml" -- \
         "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" progress=false
     evals+=" outputs/eval/$NAME-$a/retrieval/results.json"
     runs+=("$run")

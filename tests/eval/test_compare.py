@@ -84,3 +84,41 @@ def test_longbench_e_table():
     text = compare.longbench_e_table([entry("nsa", [{"0-4k": 10.0, "8k+": None}, {"0-4k": 20.0, "8k+": 4.0}]),
                                       entry("plain", [{}, {}])])
     assert "| nsa | 15.00 | 4.00 |" in text and "plain" not in text
+
+
+def _fake_run(root, name, attention, val_loss, exact, tokens_per_sec):
+    """A run dir (metrics.jsonl, config.yaml, git_commit.txt) and its retrieval results."""
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    rows = [{"step": s, "train/loss": 2.0, "val/loss": val_loss, "perf/tokens_per_sec": tokens_per_sec}
+            for s in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text(f"attention:\n  kind: {attention}\n")
+    (run / "git_commit.txt").write_text("abc1234\n")
+    res = {t: {"documents": 4, "answers": 8, "exact": x, "token_acc": x, "doc_exact": x, "lookup_exact": 1.0,
+               "lookup_token_acc": 1.0} for t, x in exact.items()}
+    out = root / "eval" / name / "retrieval"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"task": "retrieval", "results": res}))
+    return run
+
+
+def test_summary_and_verdict(tmp_path):
+    """--summary writes the machine-readable results under short run names; the verdict says in
+    words what NSA won, lost and tied against full attention (ties: 1% loss, 0.05 accuracy, 5% speed)."""
+    runs = [_fake_run(tmp_path, "probe-full", "full", 2.00, {"copy": 0.95, "mqar": 0.90}, 1000),
+            _fake_run(tmp_path, "probe-nsa", "nsa", 2.05, {"copy": 0.93, "mqar": 0.99}, 1500),
+            _fake_run(tmp_path, "probe-nsa_window_only", "nsa", 2.30, {"copy": 0.0, "mqar": 0.0}, 2000)]
+    out = tmp_path / "rep"
+    compare.main([str(r) for r in runs] + ["--out", str(out), "--eval-root", str(tmp_path / "eval"),
+                                            "--summary", str(out / "summary.json")])
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["runs"]) == {"full", "nsa", "nsa_window_only"} and s["commit"] == "abc1234"
+    assert s["runs"]["nsa"]["retrieval"]["mqar"] == {"exact": 0.99, "per_token": 0.99, "answers": 8}
+    assert s["runs"]["full"]["val_loss"] == 2.0 and s["runs"]["full"]["steps"] == 20
+    text = (out / "report.md").read_text()
+    verdict = text.split("## Verdict: probe-nsa (NSA) against probe-full (full attention)")[1].split("## Runs")[0]
+    assert "**won**: mqar retrieval, exact answers; training speed (tokens/s)" in verdict
+    assert "**lost**: final validation loss (lower is better)" in verdict
+    assert "**tied**: copy retrieval, exact answers" in verdict
+    assert "*ideal one-token look-up*" in text
