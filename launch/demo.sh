@@ -175,7 +175,7 @@ if ! grep -q '^## How this report was made' "$OUT/report.md"; then
         echo "Both runs: \`python -m train experiment=demo attention=nsa|full\` (same seed, data order and steps),"
         echo "offline wandb runs of group \`demo\` under \`outputs/runs/demo-*/wandb/\`. The demo models see"
         echo "~0.6M tokens of code and no retrieval task, so a passkey score near 0 is expected here; the"
-        echo "experiment that trains retrieval is \`experiment=compare_small\` (docs/results/compare_small/). Stage times:"
+        echo "experiment that trains retrieval is \`experiment=retrieval_probe\` (launch/retrieval_probe.sh). Stage times:"
         echo
         stage_times_table "$TIMES"
     } >>"$OUT/report.md"

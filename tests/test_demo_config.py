@@ -76,17 +76,20 @@ case "$2" in
   data.tokenizer) mkdir -p outputs/tokenizers && touch outputs/tokenizers/bpe4096.model ;;
   data.prepare) mkdir -p outputs/data/pystdlib-bpe4096 && touch outputs/data/pystdlib-bpe4096/meta.json ;;
   train)
-    exp=$(arg experiment "$@"); att=$(arg attention "$@")
+    exp=$(arg experiment "$@"); att=$(arg attention "$@"); run=$(arg run_name "$@"); run=${run:-$exp-$att}
     [[ $exp == compare_small ]] && mkdir -p outputs/data/passkey_mix-bpe4096 \
         && touch outputs/data/passkey_mix-bpe4096/meta.json
-    mkdir -p "outputs/runs/$exp-$att/export" && date +%s%N >"outputs/runs/$exp-$att/export/model.safetensors"
-    echo "attention: $att" >"outputs/runs/$exp-$att/config.yaml" ;;
+    mkdir -p "outputs/runs/$run/export" && date +%s%N >"outputs/runs/$run/export/model.safetensors"
+    echo "attention: $att" >"outputs/runs/$run/config.yaml" ;;
   eval)
     ck=$(arg checkpoint "$@"); task=$(arg task "$@")
     mkdir -p "outputs/eval/${ck##*/}/$task" && date +%s%N >"outputs/eval/${ck##*/}/$task/results.json" ;;
   eval.compare)
+    summary=""
+    for ((i = 1; i < $#; i++)); do if [[ ${!i} == --summary ]]; then j=$((i + 1)); summary=${!j}; fi; done
     while [[ $# -gt 0 && $1 != --out ]]; do shift; done
-    mkdir -p "$2" && echo "# report" >"$2/report.md" && touch "$2/val_loss.png" ;;
+    mkdir -p "$2" && echo "# report" >"$2/report.md" && touch "$2/val_loss.png"
+    if [[ -n $summary ]]; then echo "{}" >"$summary"; fi ;;
 esac
 """
 
@@ -118,7 +121,7 @@ def _documented_commands(script: Path) -> list[str]:
 
 
 def test_scripts_parse():
-    for script in ("demo.sh", "compare_small.sh"):
+    for script in ("demo.sh", "compare_small.sh", "retrieval_probe.sh"):
         subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
 
 
@@ -187,3 +190,47 @@ def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
         "-m train experiment=compare_small attention=full", "-m train experiment=compare_small attention=nsa"]
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_THREADS": "2"}, log)
     assert len([c for c in calls if c.startswith("-m train")]) == 2  # other threads: another run
+
+
+PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"],
+              "nsa_window_only": ["attention=nsa", "attention.branches=[win]"]}
+
+
+def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
+    """The three probe runs validate, share everything but the attention settings, the ablation
+    keeps only the window, and every probe answer lies beyond that window."""
+    from omegaconf import OmegaConf
+
+    from train.validate import validate
+
+    plain = {}
+    for run, args in PROBE_RUNS.items():
+        cfg = compose(["experiment=retrieval_probe", *args, f"run_name=retrieval_probe-{run}"])
+        validate(cfg, 1, "cpu")
+        d = OmegaConf.to_container(cfg, resolve=True)
+        att = d.pop("attention")
+        d.pop("run_name"), d.pop("run_dir")
+        plain[run] = d
+        if run == "nsa_window_only":
+            assert att["branches"] == ["win"] and att["window"] == 64
+    assert plain["full"] == plain["nsa"] == plain["nsa_window_only"]
+    comps = compose(["experiment=retrieval_probe"]).data.source.components
+    long_ones = [c.source for c in comps if c.source.max_filler_chars >= 900]
+    assert {s.task for s in long_ones} == {"copy", "mqar", "passkey"}
+
+
+def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
+    root, log, env = _sandbox(tmp_path)
+    calls, out = _run(root, "retrieval_probe.sh", env, log)
+    trains = [c for c in calls if c.startswith("-m train")]
+    assert trains == [f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} "
+                      f"run_name=retrieval_probe-{run}" for run, a in PROBE_RUNS.items()]
+    evals = [c for c in calls if c.startswith("-m eval ")]
+    assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
+        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS]
+    assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals)
+    assert calls[-1].startswith("-m eval.compare outputs/runs/retrieval_probe-full outputs/runs/retrieval_probe-nsa "
+                                "outputs/runs/retrieval_probe-nsa_window_only --out outputs/retrieval_probe "
+                                "--summary outputs/retrieval_probe/summary.json")
+    calls, _ = _run(root, "retrieval_probe.sh", env, log)
+    assert calls == []  # everything up to date
