@@ -97,6 +97,9 @@ class ModelConfig:
     max_seq_len: int = 8192
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # token embedding init std; None: init_std. A small model needs larger embeddings than its
+    # other weights (tiny.yaml: 1/sqrt(hidden_size)) or its look-up heads form late.
+    embed_init_std: float | None = None
 
     def __post_init__(self):
         if isinstance(self.moe, dict):
@@ -120,6 +123,8 @@ class ModelConfig:
             self.moe.validate()
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, norm_eps and rope_theta must be > 0")
+        if self.embed_init_std is not None and self.embed_init_std <= 0:
+            raise ValueError(f"model.embed_init_std must be > 0 or null, got {self.embed_init_std}")
         if self.rope_scaling is not None:
             from train.model.rope import validate_rope_scaling
 

@@ -15,7 +15,8 @@ labels=None, cache=None) -> ModelOutput(logits [B,T,V] , loss, aux_loss, stats)`
   MoE layers), ``moe/max_over_mean`` (max over layers), ``moe/dropped_frac``,
   ``moe/loads`` (per-layer lists of token counts, before dropping) and
   ``nsa/gate_{cmp,slc,win}`` (mean over layers).
-* Init: every weight ~ normal(0, init_std); projections that write into the residual
+* Init: every weight ~ normal(0, init_std), the token embedding ~ normal(0, embed_init_std
+  or init_std); projections that write into the residual
   stream (attention output, MLP down, expert down) use ``init_std / sqrt(2 * num_layers)``
   (GPT-2 / Megatron), norms start at 1. Full and NSA attention thus start with the
   same q/k/v/o statistics; NSA's own extra parts (branch gates, compression MLP and
@@ -136,7 +137,8 @@ class Transformer(nn.Module):
                 blk.attn.reset_parameters()  # NSA's own init first; shared projections are redone below
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.embed.weight, 0.0, std)
+        emb_std = self.cfg.embed_init_std if self.cfg.embed_init_std is not None else std
+        nn.init.normal_(self.embed.weight, 0.0, emb_std)
         for name, module in self.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and leaf in INIT_PROJECTIONS and not self._is_nsa_gate(name):

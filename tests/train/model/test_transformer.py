@@ -122,3 +122,15 @@ def test_meta_build_then_materialise(kind):
         assert float(p.std() if p.numel() > 1 else p.abs()) == pytest.approx(
             float(q.std() if q.numel() > 1 else q.abs()), rel=0.35, abs=1e-6), name
     assert model.layers[1].mlp.expert_bias.abs().sum() == 0
+
+
+def test_embed_init_std():
+    """The token embedding has its own init std (None: init_std); other weights keep init_std."""
+    torch.manual_seed(0)
+    default = build_model(model_cfg(vocab_size=2000, hidden_size=128), attn_cfg("full"))
+    big = build_model(model_cfg(vocab_size=2000, hidden_size=128, embed_init_std=0.088), attn_cfg("full"))
+    assert abs(default.embed.weight.std().item() - 0.02) < 1e-3
+    assert abs(big.embed.weight.std().item() - 0.088) < 3e-3
+    assert abs(big.layers[0].attn.q_proj.weight.std().item() - 0.02) < 2e-3
+    with pytest.raises(ValueError, match="embed_init_std"):
+        model_cfg(embed_init_std=0.0).validate()
