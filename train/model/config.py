@@ -161,6 +161,9 @@ class AttentionConfig:
     backend: str | None = None
     branches: tuple[str, ...] = ("cmp", "slc", "win")  # an ablation keeps fewer, e.g. ["win"]
 
+    def __post_init__(self) -> None:
+        self.branches = tuple(self.branches)  # a list from YAML / config.json compares equal to the default
+
     def validate(self) -> None:
         if self.kind not in ("full", "nsa"):
             raise ValueError(f"attention.kind must be 'full' or 'nsa', got {self.kind!r}")
