@@ -101,17 +101,24 @@ def one_token_lookup(ids: list[int], spans: list[tuple[int, int]]) -> list[tuple
     return out
 
 
+def _rates(scores: list[tuple[int, int]]) -> tuple[float, float]:
+    """(share of answers with every token right, share of tokens right) of ``(right, tokens)`` pairs."""
+    return (sum(ok == n for ok, n in scores) / max(1, len(scores)),
+            sum(ok for ok, _ in scores) / max(1, sum(n for _, n in scores)))
+
+
 def _summary(rows: list[dict]) -> dict:
     answers = [a for r in rows for a in r["answers"]]
-    lookup = [a for r in rows for a in r.get("lookup", [])]
+    exact, token_acc = _rates(answers)
+    lookup_exact, lookup_token_acc = _rates([a for r in rows for a in r["lookup"]])
     return {
         "documents": len(rows),
         "answers": len(answers),
-        "exact": sum(ok == n for ok, n in answers) / max(1, len(answers)),
-        "token_acc": sum(ok for ok, _ in answers) / max(1, sum(n for _, n in answers)),
+        "exact": exact,
+        "token_acc": token_acc,
         "doc_exact": sum(all(ok == n for ok, n in r["answers"]) for r in rows) / max(1, len(rows)),
-        "lookup_exact": sum(ok == n for ok, n in lookup) / max(1, len(lookup)),
-        "lookup_token_acc": sum(ok for ok, _ in lookup) / max(1, sum(n for _, n in lookup)),
+        "lookup_exact": lookup_exact,
+        "lookup_token_acc": lookup_token_acc,
     }
 
 

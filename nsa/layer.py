@@ -204,9 +204,9 @@ class NSAAttention(nn.Module):
         cfg = self.cfg
         be = cfg.backend
         blk = dict(block_len=cfg.block_len, stride=cfg.stride)
-        k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
-        o_cmp = o_slc = o_win = None
+        o_cmp = o_slc = o_win = compressed = None
         if "cmp" in cfg.branches or "slc" in cfg.branches:  # selection scores come from the compressed branch
+            compressed = k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
             o_cmp, _, idx = nsa.compressed_attention_and_select(
                 q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
                 num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
@@ -216,10 +216,11 @@ class NSAAttention(nn.Module):
         if "win" in cfg.branches:
             o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens,
                                                  backend=be)
-        return (o_cmp, o_slc, o_win), (k_cmp, v_cmp)
+        return (o_cmp, o_slc, o_win), compressed  # compressed: None lets a cache prefill build its own
 
     def _decode(self, q, kv, cache: NSACache):
-        """Branch outputs ``[B,m,H,Dv]`` for ``m`` new tokens computed from the cache alone."""
+        """Branch outputs ``[B,m,H,Dv]`` for ``m`` new tokens computed from the cache alone (``None`` for
+        a branch that ``cfg.branches`` leaves out)."""
         cfg = self.cfg
         B, m, H, _ = q.shape
         Hkv = cfg.num_kv_heads
@@ -232,11 +233,14 @@ class NSAAttention(nn.Module):
         o_win = decode_window(qg, torch.cat((kw, k_new.to(kw.dtype)), 1), torch.cat((vw, v_new.to(vw.dtype)), 1),
                               torch.cat((kpos, pos)), pos, cfg.window, self.scale)
         cache.append(kv, self.compress)
-        o_cmp, p = decode_compressed(qg, cache, pos, self.scale)
-        idx = decode_select(p, cache, pos, num_select=cfg.num_select, num_init=cfg.num_init,
-                            num_local=cfg.num_local)
-        o_slc = decode_selected(qg, cache, pos, idx, self.scale)
-        return tuple(o.reshape(B, m, H, -1).to(q.dtype) for o in (o_cmp, o_slc, o_win))
+        o_cmp = o_slc = None
+        if "cmp" in cfg.branches or "slc" in cfg.branches:
+            o_cmp, p = decode_compressed(qg, cache, pos, self.scale)
+        if "slc" in cfg.branches:
+            idx = decode_select(p, cache, pos, num_select=cfg.num_select, num_init=cfg.num_init,
+                                num_local=cfg.num_local)
+            o_slc = decode_selected(qg, cache, pos, idx, self.scale)
+        return tuple(o if o is None else o.reshape(B, m, H, -1).to(q.dtype) for o in (o_cmp, o_slc, o_win))
 
     # ------------------------------------------------------------------ public
 

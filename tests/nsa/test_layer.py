@@ -107,6 +107,11 @@ def test_branch_ablation_sums_only_the_kept_branches(branches):
         changed = x.clone()
         changed[:, :T - SMALL["window"] - 1] += 1.0  # tokens no query at T-1 can see in its window
         assert relerr(part(changed, cos, sin)[:, -1], part(x, cos, sin)[:, -1]) < 1e-6
+    # decoding token by token after a prefill gives the same outputs as the whole sequence at once
+    cache = part.new_cache(B, T)
+    steps = [part(x[:, :40], cos[:, :40], sin[:, :40], cache=cache)]
+    steps += [part(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], cache=cache) for t in range(40, T)]
+    assert relerr(torch.cat(steps, 1), want) < TOL
 
 
 def test_bad_inputs_raise():
