@@ -15,7 +15,7 @@ prefetch depth or number of worker threads. Boundaries come from the shards' doc
 index, never from searching for an EOS id.
 
 A batch is a dict: ``input_ids [B,T]`` long, ``labels [B,T]`` long (-100 at the last token
-of each segment and on padding), ``position_ids [B,T]`` long, ``cu_seqlens [N+1]`` int32 over
+of each segment, on padding and where the shard's loss mask says a token is not a target), ``position_ids [B,T]`` long, ``cu_seqlens [N+1]`` int32 over
 the flattened ``B*T`` tokens (padding is a segment of its own), ``max_seqlen`` int.
 """
 
@@ -148,10 +148,12 @@ class PackedLoader:
                                                                    if k == epoch - 1}}
         return self._layouts[epoch]
 
-    def _piece(self, doc: int, a: int, b: int) -> np.ndarray:
-        """Tokens [a, b) of document ``doc`` as laid out in the stream, i.e. with BOS/EOS."""
+    def _piece(self, doc: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [a, b) of document ``doc`` as laid out in the stream, i.e. with BOS/EOS, and
+        whether each is a training target (the shard's loss mask; BOS/EOS always are)."""
         n = int(self.doc_len[doc])
         out = np.empty(b - a, dtype=np.int64)
+        scored = np.ones(b - a, dtype=bool)
         c0, c1 = max(a - self.add_bos, 0), min(b - self.add_bos, n)  # content index range
         w = 0
         if self.add_bos and a == 0:
@@ -160,12 +162,14 @@ class PackedLoader:
             shard = self.shards[self.doc_shard[doc]]
             start = int(shard.offsets[self.doc_local[doc]])
             out[w : w + c1 - c0] = shard.tokens[start + c0 : start + c1]
+            if shard.scored is not None:
+                scored[w : w + c1 - c0] = shard.scored[start + c0 : start + c1]
             w += c1 - c0
         if w < b - a:  # only the EOS can remain
             out[w] = self.eos_id
-        return out
+        return out, scored
 
-    def _row_segments(self, layout: _Layout, row: int) -> list[np.ndarray]:
+    def _row_segments(self, layout: _Layout, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The document pieces that fill physical row ``row`` (padding is added by the caller)."""
         T = self.seq_len
         if not self.packed:
@@ -191,10 +195,10 @@ class PackedLoader:
             slot = first_slot + b
             segs = self._row_segments(layout, int(layout.row_order[slot])) if slot < self.rows_per_epoch else []
             t = 0
-            for seg in segs:
+            for seg, scored in segs:
                 n = len(seg)
                 input_ids[b, t : t + n] = seg
-                labels[b, t : t + n - 1] = seg[1:]
+                labels[b, t : t + n - 1] = np.where(scored[1:], seg[1:], IGNORE_INDEX)
                 positions[b, t : t + n] = np.arange(n)
                 seg_lens.append(n)
                 t += n

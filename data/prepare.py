@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data.shards import FORMAT_VERSION, Shard, ShardWriter
-from data.sources import DataConfig, data_config_from_dict, load_documents, to_plain
+from data.sources import NO_LOSS, DataConfig, data_config_from_dict, load_documents, to_plain
 from data.tokenizer import Tokenizer, TokenizerConfig, get_tokenizer, tokenizer_config_from_dict
 
 SPLITS = ("train", "validation")
@@ -85,7 +85,11 @@ def _encode(batch: dict, model_path: str, sha256: str) -> dict:
     tok = _WORKER_TOKENIZERS.get(model_path)
     if tok is None:
         tok = _WORKER_TOKENIZERS[model_path] = Tokenizer(model_path)
-    return {"ids": tok.encode_batch(batch["text"])}
+    if NO_LOSS not in batch:
+        return {"ids": tok.encode_batch(batch["text"])}
+    ids, scored = zip(*(tok.encode_scored(t, spans) for t, spans in zip(batch["text"], batch[NO_LOSS],
+                                                                         strict=True)), strict=True)
+    return {"ids": list(ids), "scored": list(scored)}
 
 
 def stale_preparation(out: Path, dcfg: DataConfig) -> str | None:
@@ -139,13 +143,16 @@ def _write_split(tokenized, idx: np.ndarray, out: Path, split: str, vocab_size: 
     from tqdm.auto import tqdm
 
     shards, writer, n_tok = [], None, 0
+    masked = "scored" in tokenized.column_names
     bar = tqdm(total=len(idx), desc=f"write {split}", unit="doc")
     for start in range(0, len(idx), 1000):
-        rows = tokenized.select(idx[start : start + 1000])["ids"]
-        for ids in rows:
+        chunk = tokenized.select(idx[start : start + 1000])
+        rows = chunk["ids"]
+        scored = chunk["scored"] if masked else [None] * len(rows)
+        for ids, sc in zip(rows, scored, strict=True):
             if writer is None:
-                writer = ShardWriter(out / f"{split}-{len(shards):05d}.bin", vocab_size)
-            writer.add(ids)
+                writer = ShardWriter(out / f"{split}-{len(shards):05d}.bin", vocab_size, with_loss_mask=masked)
+            writer.add(ids, sc)
             n_tok += len(ids)
             if writer.num_tokens >= max_tokens:
                 shards.append(writer.close().name)
@@ -180,7 +187,8 @@ def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool
         stale.unlink(missing_ok=True)
     log(f"tokenising {len(docs)} documents of {dcfg.name} with {Path(tok.path).name} -> {out}")
     tokenized = docs.map(_encode, batched=True, batch_size=64, num_proc=max(1, min(dcfg.num_proc, len(docs))),
-                         fn_kwargs={"model_path": tok.path, "sha256": tok.sha256}, remove_columns=["text"], desc="tokenise")
+                         fn_kwargs={"model_path": tok.path, "sha256": tok.sha256}, remove_columns=docs.column_names,
+                         desc="tokenise")
     meta_splits = {s: _write_split(tokenized, splits[s], out, s, tok.vocab_size, dcfg.shard_max_tokens)
                    for s in SPLITS}
     shutil.copyfile(tok.path, out / "tokenizer.model")

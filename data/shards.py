@@ -3,12 +3,15 @@
 Layout (little-endian)::
 
     header  64 bytes: magic b"NSATOKS\\0", format version u32, itemsize u32 (2 = uint16, 4 = uint32),
-                      vocab_size u64, num_tokens u64, num_docs u64, zero padding
+                      vocab_size u64, num_tokens u64, num_docs u64, flags u32, zero padding
     tokens  num_tokens * itemsize bytes (uint16 when vocab_size < 65536, else uint32)
     offsets (num_docs + 1) * u64: document i is tokens[offsets[i]:offsets[i+1]]
+    scored  num_tokens * u8, only when flags has LOSS_MASK: 1 if the token is a training target,
+            0 if not (random content of synthetic documents, see data.synthetic)
 
 Documents are stored without BOS/EOS; the loader adds them. Opening a shard checks the
-magic, version, dtype, size and index, and raises a ValueError naming the file.
+magic, version, dtype, size and index, and raises a ValueError naming the file. Version 1
+(before the loss mask) is read as a shard without one.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"NSATOKS\0"
-FORMAT_VERSION = 1
-HEADER = struct.Struct("<8sIIQQQ")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+HEADER = struct.Struct("<8sIIQQQI")
+LOSS_MASK = 1  # header flag: a per-token "scored" array follows the offsets
 HEADER_BYTES = 64
 
 
@@ -35,9 +40,10 @@ class ShardWriter:
     """Append documents (token id sequences) to a new shard; ``close()`` writes index and header.
 
     Written to ``<path>.tmp`` and renamed on close, so a shard that exists is complete.
+    with_loss_mask: every ``add`` passes ``scored`` (1 = a training target), stored after the index.
     """
 
-    def __init__(self, path: str | Path, vocab_size: int):
+    def __init__(self, path: str | Path, vocab_size: int, *, with_loss_mask: bool = False):
         self.path = Path(path)
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype(self.vocab_size)
@@ -46,26 +52,37 @@ class ShardWriter:
         self.f = open(self.tmp, "wb")
         self.f.write(b"\0" * HEADER_BYTES)
         self.offsets = [0]
+        self.with_loss_mask = bool(with_loss_mask)
+        self.scored: list[np.ndarray] = []
 
     @property
     def num_tokens(self) -> int:
         return self.offsets[-1]
 
-    def add(self, ids) -> None:
+    def add(self, ids, scored=None) -> None:
         arr = np.asarray(ids)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{self.path}: a document must be a non-empty 1-d id sequence, got shape {arr.shape}")
         if arr.min() < 0 or arr.max() >= self.vocab_size:
             raise ValueError(f"{self.path}: token id out of range [0, {self.vocab_size})")
+        if self.with_loss_mask:
+            sc = np.asarray(scored if scored is not None else [], dtype=np.int64)
+            if sc.shape != arr.shape or not np.isin(sc, (0, 1)).all():
+                raise ValueError(f"{self.path}: scored must be 0/1 per token, shape {arr.shape}, got {sc.shape}")
+            self.scored.append(sc.astype(np.uint8))
+        elif scored is not None:
+            raise ValueError(f"{self.path}: scored given to a writer made without with_loss_mask")
         self.f.write(arr.astype(self.dtype).tobytes())
         self.offsets.append(self.offsets[-1] + arr.size)
 
     def close(self) -> Path:
         n_docs = len(self.offsets) - 1
         self.f.write(np.asarray(self.offsets, dtype="<u8").tobytes())
+        for sc in self.scored:
+            self.f.write(sc.tobytes())
         self.f.seek(0)
         self.f.write(HEADER.pack(MAGIC, FORMAT_VERSION, self.dtype.itemsize, self.vocab_size,
-                                 self.num_tokens, n_docs))
+                                 self.num_tokens, n_docs, LOSS_MASK if self.with_loss_mask else 0))
         self.f.close()
         self.tmp.replace(self.path)
         return self.path
@@ -80,7 +97,8 @@ def write_shard(path: str | Path, docs, vocab_size: int) -> Path:
 
 
 class Shard:
-    """A validated, memory-mapped shard: ``len(shard)`` documents, ``shard.doc(i)`` -> np array of ids."""
+    """A validated, memory-mapped shard: ``len(shard)`` documents, ``shard.doc(i)`` -> np array of ids;
+    ``shard.scored`` (uint8 per token, 1 = a training target) or None when it has no loss mask."""
 
     def __init__(self, path: str | Path, vocab_size: int | None = None):
         self.path = Path(path)
@@ -90,15 +108,18 @@ class Shard:
         if size < HEADER_BYTES:
             raise ValueError(f"shard {self.path} is truncated: {size} bytes, shorter than the header")
         with open(self.path, "rb") as f:
-            magic, version, itemsize, vocab, n_tok, n_docs = HEADER.unpack(f.read(HEADER.size))
+            magic, version, itemsize, vocab, n_tok, n_docs, flags = HEADER.unpack(f.read(HEADER.size))
         if magic != MAGIC:
             raise ValueError(f"{self.path} is not a token shard (bad magic {magic!r}, expected {MAGIC!r})")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"shard {self.path} has format version {version}, this code reads version "
-                             f"{FORMAT_VERSION}: re-run `python -m data.prepare`")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"shard {self.path} has format version {version}, this code reads versions "
+                             f"{READABLE_VERSIONS}: re-run `python -m data.prepare`")
+        if flags & ~LOSS_MASK:
+            raise ValueError(f"shard {self.path} has unknown header flags {flags:#x}")
+        with_mask = bool(flags & LOSS_MASK)
         if itemsize not in (2, 4) or np.dtype(f"<u{itemsize}") != token_dtype(vocab).newbyteorder("<"):
             raise ValueError(f"shard {self.path} has token itemsize {itemsize}, inconsistent with vocab {vocab}")
-        expected = HEADER_BYTES + n_tok * itemsize + (n_docs + 1) * 8
+        expected = HEADER_BYTES + n_tok * itemsize + (n_docs + 1) * 8 + (n_tok if with_mask else 0)
         if size != expected:
             kind = "truncated" if size < expected else "longer than its header says"
             raise ValueError(f"shard {self.path} is {kind}: {size} bytes, header implies {expected}")
@@ -113,6 +134,9 @@ class Shard:
         if self.offsets[0] != 0 or self.offsets[-1] != n_tok or np.any(np.diff(self.offsets) <= 0):
             raise ValueError(f"shard {self.path} has a corrupt document index (offsets must rise strictly "
                              f"from 0 to num_tokens={n_tok})")
+        self.scored = (np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.num_tokens,),
+                                 offset=HEADER_BYTES + n_tok * itemsize + (n_docs + 1) * 8)
+                       if with_mask and n_tok else None)
 
     def __len__(self) -> int:
         return self.num_docs

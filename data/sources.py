@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 TEST_DIR_NAMES = ("test", "tests", "idle_test")
+NO_LOSS = "no_loss"  # column of [start, end) character spans that carry no loss
 
 
 @dataclass
@@ -77,7 +78,10 @@ class SyntheticSource:
     task: "passkey" | "needle" | "mqar" | "copy"; filler lengths in characters are drawn
     uniformly from [min_filler_chars, max_filler_chars], needle depths from [min_depth, max_depth]
     (0: the needle right after the document's head, far from the question); kwargs go to the
-    generator.
+    generator. mask_unpredictable: no loss on the random content no model can predict (the text to
+    be copied, the key-value pairs, a key's first mention; ``SyntheticDocument.no_loss_spans``).
+    Fitting that content teaches that a word just seen will not come again, which works against
+    the look-up the answers need: trained on it, a tiny model learns copy several times more slowly.
     """
 
     kind: str = "synthetic"
@@ -89,6 +93,7 @@ class SyntheticSource:
     max_depth: float = 1.0
     seed: int = 0
     kwargs: dict = field(default_factory=dict)
+    mask_unpredictable: bool = True
 
 
 @dataclass
@@ -242,8 +247,12 @@ def _select_text(ds, field_name: str, what: str):
 
 
 def load_documents(src: Source):
-    """Materialise a source as a ``datasets.Dataset`` with one ``text`` column (empty rows dropped)."""
+    """Materialise a source as a ``datasets.Dataset`` with a ``text`` column (empty rows dropped)
+    and, where a synthetic source masks its random content, a ``no_loss`` column: per document
+    the ``[start, end)`` character spans whose tokens carry no loss (empty for other documents)."""
     import datasets
+
+    spans_feature = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
 
     if isinstance(src, PyStdlibSource):
         ds = datasets.Dataset.from_dict({"text": _read_texts(stdlib_files(src))})
@@ -276,12 +285,20 @@ def load_documents(src: Source):
             if src.max_documents is not None:
                 ds = ds.select(range(min(src.max_documents, len(ds))))
     elif isinstance(src, SyntheticSource):
-        from data.synthetic import synthetic_texts
+        from data.synthetic import synthetic_documents
 
-        ds = datasets.Dataset.from_dict({"text": synthetic_texts(src)})
+        docs = synthetic_documents(src)
+        ds = datasets.Dataset.from_dict({"text": [d.text for d in docs]})
+        if src.mask_unpredictable:
+            ds = ds.add_column(NO_LOSS, [[list(sp) for sp in d.no_loss_spans] for d in docs],
+                               feature=spans_feature)
     elif isinstance(src, MixtureSource):
-        text_only = datasets.Features({"text": datasets.Value("string")})  # parquet may say large_string
-        parts = [load_documents(c.source).cast(text_only) for c in src.components]
+        parts = [load_documents(c.source) for c in src.components]
+        with_spans = any(NO_LOSS in p.column_names for p in parts)
+        features = datasets.Features({"text": datasets.Value("string"),  # parquet may say large_string
+                                      **({NO_LOSS: spans_feature} if with_spans else {})})
+        parts = [(p.add_column(NO_LOSS, [[]] * len(p), feature=spans_feature)
+                  if with_spans and NO_LOSS not in p.column_names else p).cast(features) for p in parts]
         total = sum(c.weight for c in src.components)
         ds = datasets.interleave_datasets(parts, probabilities=[c.weight / total for c in src.components],
                                           seed=src.seed, stopping_strategy=src.stopping)

@@ -3,7 +3,11 @@
 Each generator returns a :class:`SyntheticDocument` whose ``text`` is the full training
 document (prompt followed by the answer) and whose ``answer_spans`` locate every answer
 in ``text``, so the same document serves as a mixture source for training and, cut at
-``prompt``, as an evaluation item. Lengths are set by ``n_filler``: characters, or tokens
+``prompt``, as an evaluation item. ``no_loss_spans`` locate the random content no model can
+predict (the text to be copied, the key-value pairs, a key's first mention): training
+leaves its tokens out of the loss (see ``SyntheticSource.mask_unpredictable``), since fitting
+them teaches that a word just seen will not come again, the opposite of the look-up the
+answers need. Lengths are set by ``n_filler``: characters, or tokens
 when a tokenizer is given (counted per filler sentence, so a document may overshoot by
 less than one sentence). Everything is a pure function of ``rng``.
 """
@@ -66,13 +70,15 @@ WORDS = tuple("""
 
 @dataclass
 class SyntheticDocument:
-    """text = prompt + answers; answer_spans are (start, end) char offsets of each answer in text."""
+    """text = prompt + answers; answer_spans are (start, end) char offsets of each answer in text,
+    no_loss_spans those of the unpredictable random content (not trained on)."""
 
     text: str
     answers: list[str]
     answer_spans: list[tuple[int, int]]
     depth: float = 0.0  # relative position of the (first) needle inside the filler, in [0, 1]
     meta: dict = field(default_factory=dict)
+    no_loss_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def answer(self) -> str:
@@ -117,15 +123,21 @@ def _insert(parts: list[str], depth: float) -> tuple[str, str]:
     return "".join(parts[:k]), "".join(parts[k:])
 
 
-def _doc(pieces: list[tuple[str, bool]], depth: float, meta: dict) -> SyntheticDocument:
-    """Join (text, is_answer) pieces, recording answer spans."""
-    text, answers, spans = "", [], []
-    for s, is_answer in pieces:
-        if is_answer:
+ANSWER, RANDOM = "answer", "random"  # piece roles for _doc; any other role is plain text
+
+
+def _doc(pieces: list[tuple[str, str | None]], depth: float, meta: dict) -> SyntheticDocument:
+    """Join (text, role) pieces, recording the spans of ANSWER and of RANDOM (no-loss) pieces."""
+    text, answers, spans, no_loss = "", [], [], []
+    for s, role in pieces:
+        if role == ANSWER:
             answers.append(s)
             spans.append((len(text), len(text) + len(s)))
+        elif role == RANDOM and s:
+            no_loss.append((len(text), len(text) + len(s)))
         text += s
-    return SyntheticDocument(text=text, answers=answers, answer_spans=spans, depth=depth, meta=meta)
+    return SyntheticDocument(text=text, answers=answers, answer_spans=spans, depth=depth, meta=meta,
+                             no_loss_spans=no_loss)
 
 
 def make_passkey_document(rng, n_filler: int, depth: float, *, digits: int = 5,
@@ -138,10 +150,11 @@ def make_passkey_document(rng, n_filler: int, depth: float, *, digits: int = 5,
     head = ("There is an important info hidden inside a lot of irrelevant text. "
             "Find it and memorize it. I will quiz you about the important information there.\n")
     before, after = _insert(_filler(r, PASSKEY_FILLER, n_filler, tokenizer, cycle=True), depth)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    tail = (f". Remember it. {key} is the pass key. " + after).rstrip(" ")
     # no space before the question: the lone space piece before a digit then only ever precedes the key
-    return _doc([((head + before + needle + after).rstrip(" ") + "\nWhat is the pass key? The pass key is ", False),
-                 (key, True), (".\n", False)], depth, {"task": "passkey"})
+    return _doc([(head + before + "The pass key is ", None), (key, RANDOM),
+                 (tail + "\nWhat is the pass key? The pass key is ", None), (key, ANSWER), (".\n", None)],
+                depth, {"task": "passkey"})
 
 
 def _word(r: random.Random, n: int = 6) -> str:
@@ -166,14 +179,15 @@ def make_needle_document(rng, n_filler: int, depth: float, *, num_needles: int =
         if w not in keys:
             keys.append(w)
     values = [str(r.randint(10 ** (digits - 1), 10**digits - 1)) for _ in keys]
-    parts = _filler(r, list(haystack or HAYSTACK_SENTENCES), n_filler, tokenizer)
+    parts: list = [[(p, None)] for p in _filler(r, list(haystack or HAYSTACK_SENTENCES), n_filler, tokenizer)]
     k0 = round(depth * len(parts))
     inserts = [(k0, 0)] + [(r.randint(0, len(parts)), j) for j in range(1, num_needles)]
     for k, j in sorted(inserts, key=lambda t: (-t[0], t[1])):
-        parts.insert(k, f"The special magic number for {keys[j]} is: {values[j]}. ")
+        parts.insert(k, [("The special magic number for ", None), (keys[j], RANDOM), (" is: ", None),
+                         (values[j], RANDOM), (". ", None)])
     q = f"\nWhat is the special magic number for {keys[0]}? The special magic number for {keys[0]} is: "
-    return _doc([("".join(parts) + q, False), (values[0], True), (".\n", False)], depth,
-                {"task": "needle", "key": keys[0], "num_needles": num_needles})
+    return _doc([piece for part in parts for piece in part] + [(q, None), (values[0], ANSWER), (".\n", None)],
+                depth, {"task": "needle", "key": keys[0], "num_needles": num_needles})
 
 
 def make_mqar_document(rng, n_filler: int = 0, depth: float = 0.0, *, num_pairs: int = 16,
@@ -207,12 +221,13 @@ def make_mqar_document(rng, n_filler: int = 0, depth: float = 0.0, *, num_pairs:
         sep = "="
     else:
         raise ValueError(f"symbols must be 'words' or 'chars', got {symbols!r}")
-    pairs = "Remember these pairs: " + ", ".join(f"{k}{sep}{values[k]}" for k in keys) + ".\n"
+    pairs = ", ".join(f"{k}{sep}{values[k]}" for k in keys)
     before, after = _insert(_filler(r, list(HAYSTACK_SENTENCES), n_filler, tokenizer), depth)
-    pieces: list[tuple[str, bool]] = [(before + pairs + after + "\nRecall:", False)]
+    pieces: list[tuple[str, str | None]] = [(before + "Remember these pairs: ", None), (pairs, RANDOM),
+                                            (".\n" + after + "\nRecall:", None)]
     for k in r.sample(keys, num_queries):
-        pieces += [(f" {k}{sep}", False), (values[k], True), (",", False)]
-    pieces.append(("\n", False))
+        pieces += [(f" {k}{sep}", None), (values[k], ANSWER), (",", None)]
+    pieces.append(("\n", None))
     return _doc(pieces, depth, {"task": "mqar", "num_pairs": num_pairs, "symbols": symbols})
 
 
@@ -246,7 +261,7 @@ def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str =
         words.append(w)
         total += cost(w)
     seq = "".join(words).rstrip()
-    return _doc([(f"Copy this text exactly: {seq}\nCopy: ", False), (seq, True), ("\n", False)], depth,
+    return _doc([("Copy this text exactly: ", None), (seq, RANDOM), ("\nCopy: ", None), (seq, ANSWER), ("\n", None)], depth,
                 {"task": "copy", "symbols": symbols})
 
 
@@ -254,10 +269,15 @@ GENERATORS = {"passkey": make_passkey_document, "needle": make_needle_document, 
               "copy": make_copy_document}
 
 
-def synthetic_texts(src) -> list[str]:
+def synthetic_documents(src) -> list[SyntheticDocument]:
     """Documents for a :class:`data.sources.SyntheticSource` (filler length and depth drawn per document)."""
-    return [d.text for d in draw_documents(src.task, src.num_documents, src.min_filler_chars, src.max_filler_chars,
-                                           random.Random(src.seed), src.min_depth, src.max_depth, src.kwargs)]
+    return draw_documents(src.task, src.num_documents, src.min_filler_chars, src.max_filler_chars,
+                          random.Random(src.seed), src.min_depth, src.max_depth, src.kwargs)
+
+
+def synthetic_texts(src) -> list[str]:
+    """The texts of :func:`synthetic_documents`."""
+    return [d.text for d in synthetic_documents(src)]
 
 
 def draw_documents(task: str, n: int, min_filler: int, max_filler: int, rng: random.Random,

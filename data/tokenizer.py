@@ -34,6 +34,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For each UTF-8 byte offset of ``text`` (and its end), the index of the character it is in."""
+    if text.isascii():
+        return list(range(len(text) + 1))
+    out = []
+    for i, ch in enumerate(text):
+        out += [i] * len(ch.encode("utf-8"))
+    return out + [len(text)]
+
+
 class Tokenizer:
     """A loaded SentencePiece model: ``encode(text) -> list[int]`` without BOS/EOS, ``decode(ids) -> str``."""
 
@@ -82,6 +92,29 @@ class Tokenizer:
         if any(_SPACE_MARK in t for t in texts):
             return [self.encode(t) for t in texts]
         return self.sp.encode(texts)
+
+    def encode_scored(self, text: str, no_loss_spans) -> tuple[list[int], list[int]]:
+        """``encode(text)`` and, per token, 1 if it is trained on or 0 if it overlaps one of the
+        ``[start, end)`` character spans of ``no_loss_spans`` (a piece such as "▁word" belongs to
+        the span that holds its word)."""
+        unscored = bytearray(len(text) + 1)
+        for a, b in no_loss_spans:
+            if not 0 <= a <= b <= len(text):
+                raise ValueError(f"no-loss span ({a}, {b}) is outside a text of {len(text)} characters")
+            unscored[a:b] = b"\1" * (b - a)
+        ids, scored = [], []
+        base = 0  # character offset of the part being encoded
+        for n, part in enumerate(text.split(_SPACE_MARK) if self._mark_ids is not None else [text]):
+            if n:  # the literal U+2581 before this part: its byte tokens
+                ids += self._mark_ids
+                scored += [1 - unscored[base - 1]] * len(self._mark_ids)
+            char_at = _char_index_of_bytes(part)
+            for piece in self.sp.encode(part, out_type="proto").pieces:
+                a, b = char_at[piece.begin], char_at[piece.end]
+                ids.append(piece.id)
+                scored.append(0 if any(unscored[base + a : base + max(b, a + 1)]) else 1)
+            base += len(part) + 1
+        return ids, scored
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
