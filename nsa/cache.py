@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 BRANCHES = ("cmp", "slc", "win")
+TAIL_ROOM = 64  # new tokens the compressed branch's tail buffer takes before it is compacted
 
 
 def kv_tokens_read(context_len: int, *, block_len: int, stride: int, select_len: int, num_select: int,
@@ -67,13 +68,29 @@ class NSACache:
         self.block_len, self.stride, self.select_len, self.window = block_len, stride, select_len, window
         self.length = 0
         B, Hkv, Dk, Dv = batch_size, num_kv_heads, head_dim_k, head_dim_v
-        new = lambda n, d: torch.zeros(B, n, Hkv, d, device=device, dtype=dtype)
+        # Buffers are head-major [B, Hkv, n, D], so a step's matmuls read them in place (a token-major
+        # buffer would be copied into that layout by every einsum/bmm); the attributes below are
+        # token-major views [B, n, Hkv, D] of them.
+        new = lambda n, d: torch.zeros(B, Hkv, n, d, device=device, dtype=dtype)
         n_cmp = (max_len - block_len) // stride + 1 if max_len >= block_len else 0
-        self.k_slc, self.v_slc = new(max_len, Dk), new(max_len, Dv)
-        self.k_win, self.v_win = new(window, Dk), new(window, Dv)
-        self.k_tail, self.v_tail = new(0, Dk), new(0, Dv)
-        self.k_cmp, self.v_cmp = new(n_cmp, Dk), new(n_cmp, Dv)
+        n_blocks = -(-max_len // select_len)  # the raw buffer holds whole selection blocks
+        self._k_slc, self._v_slc = new(n_blocks * select_len, Dk), new(n_blocks * select_len, Dv)
+        self._k_win, self._v_win = new(window, Dk), new(window, Dv)
+        self._k_cmp, self._v_cmp = new(n_cmp, Dk), new(n_cmp, Dv)
+        # raw compressed-branch K/V of the incomplete blocks: tokens [_t0, _t1) of a buffer with room
+        # for TAIL_ROOM new tokens before it is compacted, so a step appends in place
+        self._k_tail, self._v_tail = new(block_len - 1 + TAIL_ROOM, Dk), new(block_len - 1 + TAIL_ROOM, Dv)
+        self._t0 = self._t1 = 0
         self.num_cmp = 0
+
+    k_slc = property(lambda self: self._k_slc.transpose(1, 2))  # [B, >= max_len, Hkv, Dk]
+    v_slc = property(lambda self: self._v_slc.transpose(1, 2))
+    k_win = property(lambda self: self._k_win.transpose(1, 2))  # [B, w, Hkv, Dk], slot p % w
+    v_win = property(lambda self: self._v_win.transpose(1, 2))
+    k_cmp = property(lambda self: self._k_cmp.transpose(1, 2))  # [B, Nmax, Hkv, Dk]
+    v_cmp = property(lambda self: self._v_cmp.transpose(1, 2))
+    k_tail = property(lambda self: self._k_tail[:, :, self._t0:self._t1].transpose(1, 2))  # [B, <= l-1, Hkv, Dk]
+    v_tail = property(lambda self: self._v_tail[:, :, self._t0:self._t1].transpose(1, 2))
 
     # ------------------------------------------------------------------ state updates
 
@@ -100,36 +117,60 @@ class NSACache:
             raise ValueError(f"NSACache: batch of {B} rows, cache was built for {self.batch_size}")
         if s + m > self.max_len:
             raise ValueError(f"NSACache: {s} cached + {m} new tokens exceed max_len={self.max_len}")
-        self.k_slc[:, s:s + m] = k_new
-        self.v_slc[:, s:s + m] = v_new
+        self._k_slc[:, :, s:s + m] = k_new.transpose(1, 2)
+        self._v_slc[:, :, s:s + m] = v_new.transpose(1, 2)
 
         k_w, v_w = kv["win"]
         keep = min(m, w)
-        slots = torch.arange(s + m - keep, s + m, device=self.k_win.device) % w
-        self.k_win[:, slots] = k_w[:, m - keep:]
-        self.v_win[:, slots] = v_w[:, m - keep:]
+        if keep == 1:
+            self._k_win[:, :, (s + m - 1) % w] = k_w[:, m - 1]
+            self._v_win[:, :, (s + m - 1) % w] = v_w[:, m - 1]
+        else:
+            slots = torch.arange(s + m - keep, s + m, device=self._k_win.device) % w
+            self._k_win[:, :, slots] = k_w[:, m - keep:].transpose(1, 2)
+            self._v_win[:, :, slots] = v_w[:, m - keep:].transpose(1, 2)
 
+        # the compressed branch's raw tokens since the oldest incomplete block, head-major
         k_c, v_c = kv["cmp"]
-        seq_k = torch.cat((self.k_tail, k_c.to(self.k_tail.dtype)), 1)
-        seq_v = torch.cat((self.v_tail, v_c.to(self.v_tail.dtype)), 1)
-        p0 = s - self.k_tail.shape[1]  # absolute position of seq[:, 0]
+        k_c, v_c = k_c.transpose(1, 2).to(self._k_tail.dtype), v_c.transpose(1, 2).to(self._v_tail.dtype)
+        room = self._k_tail.shape[2]
+        if self._t1 + m > room and self._t1 - self._t0 + m <= room:  # compact: move the tail to the front
+            n = self._t1 - self._t0
+            for buf in (self._k_tail, self._v_tail):
+                buf[:, :, :n] = buf[:, :, self._t0:self._t1].clone()
+            self._t0, self._t1 = 0, n
+        if self._t1 + m <= room:
+            self._k_tail[:, :, self._t1:self._t1 + m] = k_c
+            self._v_tail[:, :, self._t1:self._t1 + m] = v_c
+            seq_k = self._k_tail[:, :, self._t0:self._t1 + m]
+            seq_v = self._v_tail[:, :, self._t0:self._t1 + m]
+        else:  # a long prefill: join tail and new tokens once
+            seq_k = torch.cat((self._k_tail[:, :, self._t0:self._t1], k_c), 2)
+            seq_v = torch.cat((self._v_tail[:, :, self._t0:self._t1], v_c), 2)
+        p0 = s - (self._t1 - self._t0)  # absolute position of seq[:, :, 0]
         n_total = (s + m - l) // d + 1 if s + m >= l else 0
         n_new = n_total - self.num_cmp
         if n_new > 0:
             if compressed is None:
                 a = self.num_cmp * d - p0
-                kb = seq_k[:, a:a + (n_new - 1) * d + l].unfold(1, l, d)  # [B, n, Hkv, D, l]
-                vb = seq_v[:, a:a + (n_new - 1) * d + l].unfold(1, l, d)
-                compressed = compress(kb.transpose(-1, -2), vb.transpose(-1, -2))
-            kc, vc = compressed
+                kb = seq_k[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)  # [B, Hkv, n, D, l]
+                vb = seq_v[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)
+                kc, vc = compress(kb.permute(0, 2, 1, 4, 3), vb.permute(0, 2, 1, 4, 3))  # blocks [B, n, Hkv, l, D]
+            else:
+                kc, vc = compressed
             if kc.shape[1] != n_new:
                 raise ValueError(f"NSACache: got {kc.shape[1]} compressed blocks, expected {n_new}")
-            self.k_cmp[:, self.num_cmp:n_total] = kc
-            self.v_cmp[:, self.num_cmp:n_total] = vc
+            self._k_cmp[:, :, self.num_cmp:n_total] = kc.transpose(1, 2)
+            self._v_cmp[:, :, self.num_cmp:n_total] = vc.transpose(1, 2)
             self.num_cmp = n_total
-        keep = min(l - 1, seq_k.shape[1])  # every incomplete block lies in the last l - 1 tokens
-        self.k_tail = seq_k[:, seq_k.shape[1] - keep:].clone()
-        self.v_tail = seq_v[:, seq_v.shape[1] - keep:].clone()
+        keep = min(l - 1, seq_k.shape[2])  # every incomplete block lies in the last l - 1 tokens
+        if self._t1 + m <= room:
+            self._t1 += m
+            self._t0 = self._t1 - keep
+        else:
+            for buf, seq in ((self._k_tail, seq_k), (self._v_tail, seq_v)):
+                buf[:, :, :keep] = seq[:, :, seq.shape[2] - keep:]
+            self._t0, self._t1 = 0, keep
         self.length = s + m
 
 
@@ -216,3 +257,66 @@ def decode_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch
     scores = torch.einsum("bmhgd,bshd->bmhgs", q, k.float()) * scale
     p, _ = _masked_softmax(scores, mask[None, :, None, None])
     return torch.einsum("bmhgs,bshd->bmhgd", p, v.float())
+
+
+# ---------------------------------------------------------------------- one-token step
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> torch.Tensor:
+    """``q [B,Hkv,G,Dk]`` over ``k [B,Hkv,S,Dk]``, ``v [B,Hkv,S,Dv]`` (``mask [B|1,Hkv|1,1,S]`` bool) ->
+    ``[B,Hkv,G,Dv]`` float32, one fused attention call over the cache's own buffers."""
+    o = torch.nn.functional.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    return o.float()
+
+
+def decode_token(q: torch.Tensor, cache: NSACache, scale: float, *, num_select: int, num_init: int,
+                 num_local: int, branches=BRANCHES) -> dict[str, torch.Tensor]:
+    """The three branch outputs ``[B,Hkv,G,Dv]`` float32 of the newest token (``q [B,Hkv,G,Dk]``,
+    position ``t = cache.length - 1``; the cache already holds its K/V). Same rules as the
+    ``decode_*`` functions, for one token: every cached compressed entry is visible, the ring
+    holds exactly its window once ``t >= w - 1``, and each step reads only the ``N`` compressed
+    entries, ``n`` selected blocks and ``w`` window slots, in place."""
+    out = {}
+    t, w, ls = cache.length - 1, cache.window, cache.select_len
+    if "win" in branches:
+        n = min(t + 1, w)  # before the ring is full, position p is in slot p
+        out["win"] = _attend(q, cache._k_win[:, :, :n], cache._v_win[:, :, :n], scale)
+    if "cmp" not in branches and "slc" not in branches:
+        return out
+    B, Hkv, G, _ = q.shape
+    N = cache.num_cmp  # every complete block ends at or before t
+    if N:
+        kc, vc = cache._k_cmp[:, :, :N], cache._v_cmp[:, :, :N]
+        p = torch.softmax((q.to(kc.dtype) @ kc.transpose(-1, -2)).float() * scale, -1)  # [B,Hkv,G,N]
+        out["cmp"] = (p.to(vc.dtype) @ vc).float()
+    else:  # no complete block yet: the spec's zero output
+        p = q.new_zeros(B, Hkv, G, 0)
+        out["cmp"] = q.new_zeros(B, Hkv, G, cache._v_cmp.shape[-1])
+    if "slc" not in branches:
+        return out
+    # selection scores (NSA_SPEC.md): group sum, then S[j] = sum_{m<l'/d} sum_{u<l/d} P[(l'/d) j + m - u]
+    per, span = ls // cache.stride, cache.block_len // cache.stride
+    n_sel = t // ls + 1
+    P = p.sum(2)  # [B, Hkv, N]
+    K = n_sel * per
+    Nk = min(N, K)
+    padded = P.new_zeros(B, Hkv, K + span - 1)
+    padded[..., span - 1:span - 1 + Nk] = P[..., :Nk]
+    S = padded.unfold(-1, span, 1).sum(-1).view(B, Hkv, n_sel, per).sum(-1)
+    # forced blocks: the first num_init and the num_local up to the current one; ties to the lower index
+    S[..., :num_init] = float("inf")
+    S[..., max(0, n_sel - num_local):] = float("inf")
+    k = min(num_select, n_sel)
+    idx = torch.sort(torch.sort(S, dim=-1, descending=True, stable=True).indices[..., :k], dim=-1).values
+    blocks_k = cache._k_slc.view(B, Hkv, -1, ls, cache._k_slc.shape[-1])
+    blocks_v = cache._v_slc.view(B, Hkv, -1, ls, cache._v_slc.shape[-1])
+    b = torch.arange(B, device=q.device)[:, None, None]
+    h = torch.arange(Hkv, device=q.device)[None, :, None]
+    ks = blocks_k[b, h, idx].flatten(2, 3)  # [B, Hkv, k*l', Dk]
+    vs = blocks_v[b, h, idx].flatten(2, 3)
+    mask = None
+    if (t + 1) % ls:  # the current block (always selected: it is the last local one) is partly in the future
+        tok = (idx[..., None] * ls + torch.arange(ls, device=q.device)).flatten(2)
+        mask = (tok <= t)[:, :, None]
+    out["slc"] = _attend(q, ks, vs, scale, mask)
+    return out

@@ -20,6 +20,7 @@ from nsa.cache import (
     decode_compressed,
     decode_select,
     decode_selected,
+    decode_token,
     decode_window,
 )
 from nsa.ops.common import check_block_params, check_selection_params
@@ -158,11 +159,10 @@ class NSAAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         Hkv, Dk, Dv = cfg.num_kv_heads, cfg.head_dim_k, cfg.head_dim_v
-        kv = self.kv_proj(x).view(B, T, self.branches_kv, Hkv, Dk + Dv)
-        out = []
-        for i in range(self.branches_kv):
-            k, v = kv[:, :, i].split((Dk, Dv), dim=-1)
-            out.append((apply_rotary(k, cos, sin), v))
+        kv = self.kv_proj(x).view(B, T, self.branches_kv * Hkv, Dk + Dv)
+        k, v = kv.split((Dk, Dv), dim=-1)
+        k = apply_rotary(k, cos, sin)  # every branch's keys in one rotation
+        out = [(k[:, :, i * Hkv:(i + 1) * Hkv], v[:, :, i * Hkv:(i + 1) * Hkv]) for i in range(self.branches_kv)]
         if cfg.share_kv:
             out = out * 3
         return dict(zip(("cmp", "slc", "win"), out, strict=True))
@@ -227,6 +227,11 @@ class NSAAttention(nn.Module):
         s = cache.length
         pos = torch.arange(s, s + m, device=q.device)
         qg = q.float().view(B, m, Hkv, H // Hkv, -1)
+        if m == 1:  # one token: attend in place over the cache's head-major buffers
+            cache.append(kv, self.compress)
+            o = decode_token(qg[:, 0], cache, self.scale, num_select=cfg.num_select, num_init=cfg.num_init,
+                             num_local=cfg.num_local, branches=cfg.branches)
+            return tuple(o[b].reshape(B, 1, H, -1).to(q.dtype) if b in o else None for b in BRANCHES)
         # window first: it reads the ring as it was before the new tokens overwrite slots
         kw, vw, kpos = cache.window_state()
         k_new, v_new = kv["win"]
