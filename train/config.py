@@ -109,6 +109,10 @@ class TrainLoopConfig:
     val_batches: int = 4
     max_consecutive_nonfinite: int = 5
     deterministic: bool = False
+    # An export dir (or a run dir with export/) whose weights start this run instead of a random
+    # init: a curriculum stage, a context extension. Only the weights: optimizer, schedule, data
+    # order and step count start afresh. Ignored when the run resumes (its checkpoint has weights).
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -136,6 +136,11 @@ class Trainer:
         self.tokenizer_file = self.loader.tokenizer_path
 
         model = build_model(self.model_cfg, self.attn_cfg)
+        if cfg.train.init_from:  # a resumed run's checkpoint overwrites these weights below
+            from train.model.pretrained import load_weights
+
+            src = load_weights(model, cfg.train.init_from, self.model_cfg, self.attn_cfg)
+            self.log(f"weights initialised from {src}")
         if cfg.train.activation_checkpointing:
             model.set_gradient_checkpointing(True)
         if device == "cuda":

@@ -165,6 +165,14 @@ def _resume_problems(cfg, problems: list[str]) -> None:
     r = str(cfg.resume)
     if r not in ("auto", "none") and not Path(r).is_dir():
         problems.append(f"resume={r!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+    init = cfg.train.get("init_from")
+    if init:
+        from train.model.pretrained import resolve_export
+
+        try:
+            resolve_export(init)
+        except ValueError as e:
+            problems.append(f"train.init_from: {e}")
     for key in ("nan_loss_at_steps", "nan_grad_at_steps"):
         if any(int(s) < 1 for s in cfg.debug[key]):
             problems.append(f"debug.{key} holds steps < 1 (steps are 1-based)")

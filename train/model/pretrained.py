@@ -62,6 +62,37 @@ def _check_state_dict(expected: dict, found: dict, where: str) -> None:
         raise ValueError(f"{where}: weights do not match config.json: " + "; ".join(problems))
 
 
+def resolve_export(path) -> Path:
+    """The export folder of ``path``: ``path`` itself, or a run dir's ``export/``."""
+    path = Path(path)
+    for cand in (path, path / "export"):
+        if (cand / WEIGHTS).is_file() and (cand / CONFIG).is_file():
+            return cand
+    raise ValueError(f"{path} is not an export folder (no {WEIGHTS} and {CONFIG}) nor a run dir with export/")
+
+
+def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionConfig) -> Path:
+    """Copy the weights of the export at ``path`` (or a run dir's export/) into ``model``, built from
+    ``model_cfg``/``attention_cfg``. The shapes must agree and so must every setting that changes
+    what a weight means; the context settings (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and
+    the init scales may differ, so a model trained on short documents can be extended. Returns the folder."""
+    from safetensors.torch import load_file
+
+    src = resolve_export(path)
+    src_model, src_attn = load_config(src)
+    free = {"max_seq_len", "rope_theta", "rope_scaling", "init_std", "embed_init_std"}
+    a, b = model_cfg.to_dict(), src_model.to_dict()
+    differ = sorted(k for k in a if k not in free and a[k] != b.get(k))
+    a, b = attention_cfg.to_dict(), src_attn.to_dict()
+    differ += sorted(f"attention.{k}" for k in a if k != "backend" and a[k] != b.get(k))
+    if differ:
+        raise ValueError(f"{src}: its model differs from this run's in {', '.join(differ)}")
+    state = load_file(str(src / WEIGHTS))
+    _check_state_dict(model.state_dict(), state, str(src))
+    model.load_state_dict(state, strict=True)
+    return src
+
+
 def load_pretrained(path, device="cpu", dtype=None):
     """``(model, tokenizer)`` from an export folder. The tokenizer is
     ``data.tokenizer.Tokenizer.load(tokenizer.model)``, the file path if that class is

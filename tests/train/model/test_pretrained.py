@@ -64,3 +64,30 @@ def test_errors(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tokenizer_file"):
         save_pretrained(build_model(cfg, acfg), tmp_path, cfg, acfg, tokenizer_file=tmp_path / "nope")
+
+
+def test_load_weights_starts_a_run_from_an_export(tmp_path):
+    """train.init_from: the weights of an export (or its run dir) go into a freshly built model;
+    context settings may change (a model trained short can be extended), anything that changes
+    what a weight means may not."""
+    from dataclasses import replace
+
+    from train.model.pretrained import load_weights, resolve_export
+
+    torch.manual_seed(0)
+    cfg, acfg = model_cfg(), attn_cfg("nsa")
+    src = build_model(cfg, acfg)
+    save_pretrained(src, tmp_path / "run" / "export", cfg, acfg)
+    longer = replace(cfg, max_seq_len=4 * cfg.max_seq_len, rope_theta=5e5, init_std=0.1)
+    dst = build_model(longer, acfg)
+    assert resolve_export(tmp_path / "run") == tmp_path / "run" / "export"
+    load_weights(dst, tmp_path / "run", longer, acfg)
+    for (name, a), b in zip(dst.state_dict().items(), src.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="differs from this run's in hidden_size"):
+        load_weights(build_model(replace(cfg, hidden_size=32), acfg), tmp_path / "run",
+                     replace(cfg, hidden_size=32), acfg)
+    with pytest.raises(ValueError, match="attention.kind"):
+        load_weights(build_model(cfg, attn_cfg("full")), tmp_path / "run", cfg, attn_cfg("full"))
+    with pytest.raises(ValueError, match="not an export folder"):
+        resolve_export(tmp_path)
