@@ -243,15 +243,38 @@ def short_name(entry: Entry, entries: list[Entry]) -> str:
     return entry.name
 
 
+def stages(run_dir: Path | None) -> list[dict]:
+    """The training stages that made a run, first to last: ``{"run": dir name, "steps": int}`` for the
+    run and, through each config's ``train.init_from``, every run it started from (a curriculum)."""
+    out, seen = [], set()
+    while run_dir is not None and (run_dir / "metrics.jsonl").is_file() and run_dir.resolve() not in seen:
+        seen.add(run_dir.resolve())
+        steps, _ = series(read_jsonl(run_dir / "metrics.jsonl"), "train/loss")
+        out.insert(0, {"run": run_dir.name, "steps": int(steps[-1]) if steps else 0})
+        init = None
+        if (run_dir / "config.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            init = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "train.init_from", default=None)
+        run_dir = Path(init) if init else None
+        if run_dir is not None and run_dir.name == "export":
+            run_dir = run_dir.parent
+    return out
+
+
 def summary(entries: list[Entry]) -> dict:
-    """Machine-readable results: per run (short name) its final validation loss, steps trained and,
-    per retrieval task, the exact-answer and per-token accuracy; plus the commit the runs were
-    trained at (their ``git_commit.txt``; several, comma-separated, if they differ)."""
+    """Machine-readable results: per run (short name) its final validation loss, steps trained (over all
+    its stages, see :func:`stages`) and, per retrieval task, the exact-answer and per-token accuracy;
+    plus the commit the runs were trained at (their ``git_commit.txt``; several, comma-separated)."""
     runs, commits = {}, []
     for e in entries:
         steps, _ = series(e.metrics, "train/loss")
         run = {"attention": e.attention, "val_loss": _last(e.metrics, "val/loss"),
                "steps": int(steps[-1]) if steps else None}
+        chain = stages(e.run_dir)
+        if len(chain) > 1:
+            run["stages"] = chain
+            run["steps"] = sum(c["steps"] for c in chain)
         if "retrieval" in e.results:
             run["retrieval"] = {t: {"exact": r["exact"], "per_token": r["token_acc"], "answers": r["answers"]}
                                 for t, r in e.results["retrieval"]["results"].items()}

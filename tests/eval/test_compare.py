@@ -122,3 +122,14 @@ def test_summary_and_verdict(tmp_path):
     assert "**lost**: final validation loss (lower is better)" in verdict
     assert "**tied**: copy retrieval, exact answers" in verdict
     assert "*ideal one-token look-up*" in text
+
+
+def test_summary_counts_every_stage_of_a_curriculum(tmp_path):
+    """A run started from another's weights (train.init_from) reports the steps of both stages."""
+    first = _fake_run(tmp_path, "probe_lookup-full", "full", 3.0, {}, 1000)
+    second = _fake_run(tmp_path, "probe-full", "full", 2.0, {"copy": 0.9}, 1000)
+    (second / "config.yaml").write_text(f"attention:\n  kind: full\ntrain:\n  init_from: {first}\n")
+    assert compare.stages(second) == [{"run": "probe_lookup-full", "steps": 20}, {"run": "probe-full", "steps": 20}]
+    s = compare.summary([compare.load_entry(second, tmp_path / "eval")])
+    assert s["runs"]["full"]["steps"] == 40 and len(s["runs"]["full"]["stages"]) == 2
+    assert compare.stages(first) == [{"run": "probe_lookup-full", "steps": 20}]
