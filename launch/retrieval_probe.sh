@@ -4,15 +4,19 @@
 # NSA's window, then scored on held-out documents of the same kinds:
 #
 #   1 tokenizer        python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
-#   2 train-<run>      python -m train experiment=retrieval_probe attention=full | nsa |
-#                        nsa attention.branches=[win] run_name=retrieval_probe-nsa_window_only
-#   3 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
-#   4 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
+#   2 lookup-<run>     python -m train experiment=retrieval_probe_lookup <attention of the run>
+#                        run_name=retrieval_probe_lookup-<run>     (stage 1: a content look-up, short documents)
+#   3 train-<run>      python -m train experiment=retrieval_probe <attention of the run> run_name=retrieval_probe-<run>
+#                        train.init_from=outputs/runs/retrieval_probe_lookup-<run>   (stage 2: answers far back)
+#      <attention of the run>: full: attention=full; nsa: attention=nsa;
+#      nsa_window_only: attention=nsa attention.branches=[win]
+#   4 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
+#   5 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/retrieval_probe/.stamps). The runs train one
 # after the other with every core, so each run's wall time is its own.
 # Environment: PYTHON; PROBE_OVERRIDES (extra `python -m train` overrides for every run, e.g.
-# "train.max_steps=20" for a smoke test); PROBE_RUNS (default "full nsa nsa_window_only");
+# "train.max_steps=20" for a smoke test; both stages); PROBE_RUNS (default "full nsa nsa_window_only");
 # PROBE_PUBLISH=DIR copies report.md, summary.json, the figures and the evaluation results to DIR
 # (docs/results/retrieval_probe is the committed copy).
 set -euo pipefail
@@ -20,7 +24,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/demo.sh
 source launch/demo.sh
 NAME=${PROBE_NAME:-retrieval_probe}
-STAGES=4
+STAGES=5
 read -r -a RUNS <<<"${PROBE_RUNS:-full nsa nsa_window_only}"
 read -r -a EXTRA <<<"${PROBE_OVERRIDES:-}"
 run_setup "$NAME"
@@ -38,13 +42,27 @@ run_args() {
 
 stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
-CONFIGS="configs/experiment/retrieval_probe.yaml configs/train.yaml configs/model/tiny.yaml"
-CONFIGS+=" configs/data/pystdlib_longctx.yaml configs/attention/nsa.yaml configs/attention/full.yaml data/synthetic.py"
+# fresh DIR COMMAND...: run a training stage in an empty run dir, so a stage redone after a config
+# change starts over instead of resuming the old run's final checkpoint
+fresh() {
+    local dir=$1
+    shift
+    rm -rf "$dir"
+    "$@"
+}
+
+CONFIGS="configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml configs/attention/nsa.yaml"
+CONFIGS+=" configs/attention/full.yaml configs/schedule/constant.yaml data/synthetic.py"
 for a in "${RUNS[@]}"; do
     read -r -a args <<<"$(run_args "$a")"
-    stage 2 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" "$CONFIGS" -- \
-        "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
+    lookup=outputs/runs/${NAME}_lookup-$a
+    stage 2 "lookup-$a" "$lookup/export/model.safetensors" "configs/experiment/retrieval_probe_lookup.yaml $CONFIGS" -- \
+        fresh "$lookup" "$PY" -m train experiment=retrieval_probe_lookup name="$NAME" "${args[@]}" run_name="${NAME}_lookup-$a" \
         "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+    stage 3 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
+        "configs/experiment/retrieval_probe.yaml $CONFIGS $lookup/export/model.safetensors" -- \
+        fresh "outputs/runs/$NAME-$a" "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
+        train.init_from="$lookup" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 done
 
 # held-out documents drawn like the training mixture's long ones (configs/eval/retrieval_probe.yaml)
@@ -52,13 +70,13 @@ RETRIEVAL_ARGS=(eval@retrieval=retrieval_probe)
 evals="" runs=()
 for a in "${RUNS[@]}"; do
     run=outputs/runs/$NAME-$a
-    stage 3 "eval-retrieval-$a" "outputs/eval/$NAME-$a/retrieval/results.json" \
+    stage 4 "eval-retrieval-$a" "outputs/eval/$NAME-$a/retrieval/results.json" \
         "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe.yaml" -- \
         "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" progress=false
     evals+=" outputs/eval/$NAME-$a/retrieval/results.json"
     runs+=("$run")
 done
-stage 4 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
+stage 5 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
     "$PY" -m eval.compare "${runs[@]}" --out "$OUT" --summary "$OUT/summary.json"
 
 if [[ -n ${PROBE_PUBLISH:-} ]]; then

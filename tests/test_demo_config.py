@@ -197,24 +197,29 @@ PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"],
 
 
 def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
-    """The three probe runs validate, share everything but the attention settings, the ablation
-    keeps only the window, and every probe answer lies beyond that window."""
+    """Both stages of the three probe runs validate, share everything but the attention settings,
+    the ablation keeps only the window, stage 2 can start from stage 1's weights (same model), and
+    every long probe answer lies beyond that window."""
     from omegaconf import OmegaConf
 
     from train.validate import validate
 
-    plain = {}
-    for run, args in PROBE_RUNS.items():
-        cfg = compose(["experiment=retrieval_probe", *args, f"run_name=retrieval_probe-{run}"])
-        validate(cfg, 1, "cpu")
-        d = OmegaConf.to_container(cfg, resolve=True)
-        att = d.pop("attention")
-        d.pop("run_name"), d.pop("run_dir")
-        plain[run] = d
-        if run == "nsa_window_only":
-            assert att["branches"] == ["win"] and att["window"] == 64
-    assert plain["full"] == plain["nsa"] == plain["nsa_window_only"]
-    comps = compose(["experiment=retrieval_probe"]).data.source.components
+    for experiment in ("retrieval_probe_lookup", "retrieval_probe"):
+        plain = {}
+        for run, args in PROBE_RUNS.items():
+            cfg = compose([f"experiment={experiment}", *args, f"run_name={experiment}-{run}"])
+            validate(cfg, 1, "cpu")
+            d = OmegaConf.to_container(cfg, resolve=True)
+            att = d.pop("attention")
+            d.pop("run_name"), d.pop("run_dir")
+            plain[run] = d
+            if run == "nsa_window_only":
+                assert att["branches"] == ["win"] and att["window"] == 64
+        assert plain["full"] == plain["nsa"] == plain["nsa_window_only"]
+    stage1, stage2 = (compose([f"experiment={e}"]) for e in ("retrieval_probe_lookup", "retrieval_probe"))
+    assert stage1.model == stage2.model and stage1.attention == stage2.attention
+    assert stage1.data.name != stage2.data.name and stage2.train.init_from is None  # the script sets it
+    comps = stage2.data.source.components
     long_ones = [c.source for c in comps if c.source.max_filler_chars >= 900]
     assert {s.task for s in long_ones} == {"copy", "mqar", "passkey"}
 
@@ -223,8 +228,11 @@ def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
     root, log, env = _sandbox(tmp_path)
     calls, out = _run(root, "retrieval_probe.sh", env, log)
     trains = [c for c in calls if c.startswith("-m train")]
-    assert trains == [f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} "
-                      f"run_name=retrieval_probe-{run}" for run, a in PROBE_RUNS.items()]
+    assert trains == [c for run, a in PROBE_RUNS.items() for c in (
+        f"-m train experiment=retrieval_probe_lookup name=retrieval_probe {' '.join(a)} "
+        f"run_name=retrieval_probe_lookup-{run}",
+        f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} run_name=retrieval_probe-{run} "
+        f"train.init_from=outputs/runs/retrieval_probe_lookup-{run}")]
     evals = [c for c in calls if c.startswith("-m eval ")]
     assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
         f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS]
