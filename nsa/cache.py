@@ -308,12 +308,11 @@ def decode_token(q: torch.Tensor, cache: NSACache, scale: float, *, num_select: 
     S[..., max(0, n_sel - num_local):] = float("inf")
     k = min(num_select, n_sel)
     idx = torch.sort(torch.sort(S, dim=-1, descending=True, stable=True).indices[..., :k], dim=-1).values
-    blocks_k = cache._k_slc.view(B, Hkv, -1, ls, cache._k_slc.shape[-1])
-    blocks_v = cache._v_slc.view(B, Hkv, -1, ls, cache._v_slc.shape[-1])
-    b = torch.arange(B, device=q.device)[:, None, None]
-    h = torch.arange(Hkv, device=q.device)[None, :, None]
-    ks = blocks_k[b, h, idx].flatten(2, 3)  # [B, Hkv, k*l', Dk]
-    vs = blocks_v[b, h, idx].flatten(2, 3)
+    # gather the k blocks of every (row, head) with one index_select on the [B*Hkv*blocks, l', D] view
+    n_blk = cache._k_slc.shape[2] // ls
+    flat = (idx + (torch.arange(B * Hkv, device=q.device) * n_blk).view(B, Hkv, 1)).flatten()
+    ks = cache._k_slc.view(-1, ls, cache._k_slc.shape[-1]).index_select(0, flat).view(B, Hkv, k * ls, -1)
+    vs = cache._v_slc.view(-1, ls, cache._v_slc.shape[-1]).index_select(0, flat).view(B, Hkv, k * ls, -1)
     mask = None
     if (t + 1) % ls:  # the current block (always selected: it is the last local one) is partly in the future
         tok = (idx[..., None] * ls + torch.arange(ls, device=q.device)).flatten(2)

@@ -174,6 +174,45 @@ def test_varlen_equals_per_document_loop_and_isolates_documents():
     assert relerr(y2[:, a:b], y[:, a:b]) > 1e-2
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(num_heads=8, num_kv_heads=1, num_select=4, num_local=2),
+                                       dict(branches=("cmp", "slc")), dict(branches=("win",))])
+def test_padded_documents_equal_one_document_at_a_time(monkeypatch, overrides):
+    """The torch backend runs packed documents as one padded batch when that is cheap
+    (``PAD_DOCUMENTS_MAX_FILL``); outputs and every gradient equal the per-document loop's."""
+    import nsa.layer as nsa_layer
+
+    lens = [37, 5, 1, 70, 0, 24, 9]  # shorter than a block, one token, past the window, empty
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    x0 = torch.randn(1, sum(lens), 32)
+    cos, sin = _doc_tables(lens)
+    results = []
+    for fill in (0.0, 100.0):  # 0: never pad (one document at a time); 100: always
+        monkeypatch.setattr(nsa_layer, "PAD_DOCUMENTS_MAX_FILL", fill)
+        assert (nsa_layer._padded_documents(cu, x0.shape[1]) is None) == (fill == 0.0)
+        layer = make_layer(4, **overrides)
+        x = x0.clone().requires_grad_(True)
+        y = layer(x, cos, sin, cu_seqlens=cu)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), x.grad, grads))
+    (y_doc, gx_doc, g_doc), (y_pad, gx_pad, g_pad) = results
+    assert relerr(y_pad, y_doc) < TOL and relerr(gx_pad, gx_doc) < TOL
+    assert g_pad.keys() == g_doc.keys() and len(g_doc) > 3
+    for name in g_doc:
+        assert relerr(g_pad[name], g_doc[name]) < TOL, name
+
+
+def test_padded_documents_only_when_padding_is_cheap():
+    from nsa.layer import PAD_DOCUMENTS_MAX_FILL, _padded_documents
+
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    index, valid = _padded_documents(cu([3, 0, 2]), 5)
+    assert index.tolist() == [[0, 1, 2], [3, 4, 4]] and valid.tolist() == [[True] * 3, [True, True, False]]
+    assert _padded_documents(cu([64]), 64) is None  # one document: nothing to batch
+    long_and_short = [900] + [31] * 4  # padding to 5 x 900 would be ~4.4x the row
+    assert 5 * 900 > PAD_DOCUMENTS_MAX_FILL * 1024 and _padded_documents(cu(long_and_short), 1024) is None
+
+
 def test_share_kv_and_mean_variants():
     full = NSAAttention(NSAConfig(**SMALL))
     shared = NSAAttention(NSAConfig(**SMALL, share_kv=True))
