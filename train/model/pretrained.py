@@ -76,8 +76,6 @@ def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionCo
     ``model_cfg``/``attention_cfg``. The shapes must agree and so must every setting that changes
     what a weight means; the context settings (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and
     the init scales may differ, so a model trained on short documents can be extended. Returns the folder."""
-    from safetensors.torch import load_file
-
     src = resolve_export(path)
     src_model, src_attn = load_config(src)
     free = {"max_seq_len", "rope_theta", "rope_scaling", "init_std", "embed_init_std"}
@@ -87,31 +85,33 @@ def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionCo
     differ += sorted(f"attention.{k}" for k in a if k != "backend" and a[k] != b.get(k))
     if differ:
         raise ValueError(f"{src}: its model differs from this run's in {', '.join(differ)}")
-    state = load_file(str(src / WEIGHTS))
-    _check_state_dict(model.state_dict(), state, str(src))
-    model.load_state_dict(state, strict=True)
+    _load_state(model, src)
     return src
+
+
+def _load_state(model, folder: Path) -> None:
+    """Load ``folder``'s weights file into ``model`` after checking names and shapes against it."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / WEIGHTS))
+    _check_state_dict(model.state_dict(), state, str(folder))
+    model.load_state_dict(state, strict=True)
 
 
 def load_pretrained(path, device="cpu", dtype=None):
     """``(model, tokenizer)`` from an export folder. The tokenizer is
     ``data.tokenizer.Tokenizer.load(tokenizer.model)``, the file path if that class is
     unavailable, or None when the folder has no tokenizer. The model is in eval mode."""
-    from safetensors.torch import load_file
-
     from train.model.transformer import build_model
 
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory")
     model_cfg, attn_cfg = load_config(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
+    if not (path / WEIGHTS).is_file():
         raise ValueError(f"{path}: no {WEIGHTS}")
-    state = load_file(str(weights))
     model = build_model(model_cfg, attn_cfg)
-    _check_state_dict(model.state_dict(), state, str(path))
-    model.load_state_dict(state, strict=True)
+    _load_state(model, path)
     if dtype is not None:
         model = model.to(dtype=dtype)
     model = model.to(device).eval()
