@@ -353,9 +353,5 @@ class NSAAttention(nn.Module):
         if len(on) < 3:
             g = g[..., on]
         self._gate_means = g.detach().float().mean((0, 1, 2))
-        outs = [outs[i] for i in on]
-        if T == 1:  # decoding: one stacked product instead of a product and a sum per branch
-            o = (g.unsqueeze(-1) * torch.stack(outs, -2).to(g.dtype)).sum(-2)
-        else:
-            o = sum(g[..., j, None] * out.to(g.dtype) for j, out in enumerate(outs))
+        o = sum(g[..., j, None] * outs[i].to(g.dtype) for j, i in enumerate(on))
         return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))
