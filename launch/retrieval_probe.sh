@@ -51,16 +51,19 @@ fresh() {
     "$@"
 }
 
-CONFIGS="configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml configs/attention/nsa.yaml"
-CONFIGS+=" configs/attention/full.yaml configs/schedule/constant.yaml data/synthetic.py"
+# inputs of every run's training stages, plus its own attention config (an NSA change leaves the
+# full-attention run's stamps valid)
+CONFIGS="configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
+CONFIGS+=" configs/schedule/constant.yaml data/synthetic.py"
 for a in "${RUNS[@]}"; do
     read -r -a args <<<"$(run_args "$a")"
+    run_configs="$CONFIGS configs/attention/${args[0]#attention=}.yaml"
     lookup=outputs/runs/${NAME}_lookup-$a
-    stage 2 "lookup-$a" "$lookup/export/model.safetensors" "configs/experiment/retrieval_probe_lookup.yaml $CONFIGS" -- \
+    stage 2 "lookup-$a" "$lookup/export/model.safetensors" "configs/experiment/retrieval_probe_lookup.yaml $run_configs" -- \
         fresh "$lookup" "$PY" -m train experiment=retrieval_probe_lookup name="$NAME" "${args[@]}" run_name="${NAME}_lookup-$a" \
         "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
     stage 3 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
-        "configs/experiment/retrieval_probe.yaml $CONFIGS $lookup/export/model.safetensors" -- \
+        "configs/experiment/retrieval_probe.yaml $run_configs $lookup/export/model.safetensors" -- \
         fresh "outputs/runs/$NAME-$a" "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
         train.init_from="$lookup" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 done

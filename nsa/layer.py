@@ -8,7 +8,6 @@ Incremental decoding goes through :class:`nsa.cache.NSACache`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +54,16 @@ class NSAConfig:
     # The branches whose gated outputs are summed: an ablation drops some, e.g. ("win",) keeps only
     # the sliding window (nothing outside it can be attended to); the others are not computed.
     branches: tuple[str, ...] = BRANCHES
+    # Gates g = sigmoid(b + gate_weight_scale * W x): each branch's gate starts at gate_init[branch]
+    # (b = logit of it, W = 0). The defaults keep the selected and sliding-window outputs near full
+    # strength and the compressed branch's output small at first: a small model forms its content
+    # look-up (induction head) only through the token-level branches, and at 1/3 each it did not
+    # within 1000+ steps (docs/results/retrieval_probe). None -> 1/hidden_size, so that under Adam a
+    # step moves a gate's logit about as far as its bias rather than hidden_size times farther:
+    # token-dependent gates that learn at the full rate shut the still-noisy token branches before
+    # the look-up forms.
+    gate_init: tuple[float, float, float] = (0.05, 0.95, 0.95)  # (cmp, slc, win)
+    gate_weight_scale: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible setting."""
@@ -79,6 +88,12 @@ class NSAConfig:
         if not branches or len(set(branches)) != len(branches) or not set(branches) <= set(BRANCHES):
             raise ValueError(f"branches must be a non-empty subset of {list(BRANCHES)} without repeats, "
                              f"got {list(branches)}")
+        gi = tuple(self.gate_init)
+        if len(gi) != 3 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1 for p in gi):
+            raise ValueError(f"gate_init must be 3 gate values (cmp, slc, win) strictly between 0 and 1, got {gi!r}")
+        s = self.gate_weight_scale
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0):
+            raise ValueError(f"gate_weight_scale must be a positive number or None, got {s!r}")
 
 
 class BlockCompressor(nn.Module):
@@ -143,8 +158,8 @@ class NSAAttention(nn.Module):
 
     Init (``reset_parameters``): q/k/v ~ N(0, C^-1/2) and out ~ N(0, (H*Dv)^-1/2)
     (unit-variance in, unit-variance out); the gate weight is 0 and its bias
-    ``-ln 2``, so every gate starts at sigmoid(-ln 2) = 1/3 and the layer starts
-    as the plain mean of the three branches, at the scale of one attention.
+    ``logit(cfg.gate_init)``, so each branch's gate starts at its ``gate_init`` for every
+    token. Gate logits are ``bias + gate_weight_scale * (W x)`` (see :class:`NSAConfig`).
     """
 
     def __init__(self, cfg: NSAConfig):
@@ -160,6 +175,7 @@ class NSAAttention(nn.Module):
         self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress, out_bias=False)
         self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
         self.scale = Dk ** -0.5
+        self.gate_weight_scale = cfg.gate_weight_scale if cfg.gate_weight_scale is not None else 1.0 / C
         self._gate_means: torch.Tensor | None = None  # [branches kept], last forward's mean gates
         self.reset_parameters()
 
@@ -167,9 +183,18 @@ class NSAAttention(nn.Module):
         for lin in (self.q_proj, self.kv_proj, self.o_proj):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         nn.init.zeros_(self.gate_proj.weight)
-        nn.init.constant_(self.gate_proj.bias, -math.log(2.0))
+        with torch.no_grad():
+            p = torch.tensor(self.cfg.gate_init, dtype=torch.float64)
+            self.gate_proj.bias.copy_(torch.logit(p).repeat(self.cfg.num_heads))  # [H*3], head-major
         self.compress_k.reset_parameters()
         self.compress_v.reset_parameters()
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B,T,C]`` -> gates ``[B,T,H,3]`` (cmp, slc, win), ``sigmoid(b + s * W x)``."""
+        B, T, _ = x.shape
+        logits = torch.addmm(self.gate_proj.bias, x.reshape(B * T, -1), self.gate_proj.weight.t(),
+                             alpha=self.gate_weight_scale)
+        return torch.sigmoid(logits).view(B, T, self.cfg.num_heads, 3)
 
     @property
     def last_gate_means(self) -> dict[str, torch.Tensor]:
@@ -348,7 +373,7 @@ class NSAAttention(nn.Module):
             outs, compressed = self._attend(q, kv, cu_seqlens)
             if cache is not None:
                 cache.append(kv, self.compress, compressed=compressed)
-        g = torch.sigmoid(self.gate_proj(x)).view(B, T, H, 3)
+        g = self.gates(x)
         on = [i for i, name in enumerate(BRANCHES) if name in cfg.branches]
         if len(on) < 3:
             g = g[..., on]

@@ -160,15 +160,21 @@ class AttentionConfig:
     compress_hidden: int | None = None
     backend: str | None = None
     branches: tuple[str, ...] = ("cmp", "slc", "win")  # an ablation keeps fewer, e.g. ["win"]
+    # each branch's gate at init, and the gate weight's step scale (None: 1/hidden_size); nsa.layer.NSAConfig
+    gate_init: dict[str, float] = field(default_factory=lambda: {"cmp": 0.05, "slc": 0.95, "win": 0.95})
+    gate_weight_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.branches = tuple(self.branches)  # a list from YAML / config.json compares equal to the default
+        self.gate_init = dict(self.gate_init)
 
     def validate(self) -> None:
         if self.kind not in ("full", "nsa"):
             raise ValueError(f"attention.kind must be 'full' or 'nsa', got {self.kind!r}")
         if self.kind == "full":
             return
+        if set(self.gate_init) != {"cmp", "slc", "win"}:
+            raise ValueError(f"attention.gate_init must give cmp, slc and win, got {sorted(self.gate_init)}")
         try:  # the NSA settings' rules live in one place: nsa.layer.NSAConfig.validate
             self.nsa_config(_SHAPE_PLACEHOLDER).validate()
         except ValueError as err:
@@ -186,6 +192,8 @@ class AttentionConfig:
             num_local=self.num_local, window=self.window, share_kv=self.share_kv,
             compress=self.compress, compress_hidden=self.compress_hidden, backend=self.backend,
             branches=tuple(self.branches),
+            gate_init=tuple(float(self.gate_init[b]) for b in ("cmp", "slc", "win")),
+            gate_weight_scale=self.gate_weight_scale,
         )
 
     def to_dict(self) -> dict[str, Any]:
