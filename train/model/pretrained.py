@@ -43,7 +43,10 @@ def load_config(path) -> tuple[ModelConfig, AttentionConfig]:
     data = json.loads(cfg_file.read_text())
     if set(data) != {"model", "attention"}:
         raise ValueError(f"{cfg_file}: expected keys 'model' and 'attention', got {sorted(data)}")
-    return ModelConfig.from_dict(data["model"]), AttentionConfig.from_dict(data["attention"])
+    attention = dict(data["attention"])
+    # exports written before gates had a weight scale: their gate weights were trained at scale 1
+    attention.setdefault("gate_weight_scale", 1.0)
+    return ModelConfig.from_dict(data["model"]), AttentionConfig.from_dict(attention)
 
 
 def _check_state_dict(expected: dict, found: dict, where: str) -> None:

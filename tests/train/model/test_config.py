@@ -26,6 +26,9 @@ def test_paper_nsa_settings():
     cfg = AttentionConfig.from_dict(yaml.safe_load((CONFIGS / "attention" / "nsa.yaml").read_text()))
     assert (cfg.block_len, cfg.stride, cfg.select_len, cfg.num_select, cfg.num_init, cfg.num_local,
             cfg.window) == (32, 16, 64, 16, 1, 2, 512)
+    # gates: nsa.yaml gives them explicitly, and the same values as the dataclass default
+    assert cfg.gate_init == AttentionConfig().gate_init == {"cmp": 0.05, "slc": 0.95, "win": 0.95}
+    assert cfg.nsa_config(ModelConfig()).gate_init == (0.05, 0.95, 0.95)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -53,6 +56,9 @@ def test_model_validate_errors(change, words):
     (dict(num_select=2, num_init=1, num_local=2), "num_select"),
     (dict(compress="max"), "compress"),
     (dict(backend="cuda"), "backend"),
+    (dict(gate_init={"cmp": 0.1, "slc": 0.9}), "gate_init"),
+    (dict(gate_init={"cmp": 0.1, "slc": 0.9, "win": 1.0}), "gate_init"),
+    (dict(gate_weight_scale=-1.0), "gate_weight_scale"),
 ])
 def test_attention_validate_errors(change, words):
     with pytest.raises(ValueError, match=words):

@@ -91,3 +91,24 @@ def test_load_weights_starts_a_run_from_an_export(tmp_path):
         load_weights(build_model(cfg, attn_cfg("full")), tmp_path / "run", cfg, attn_cfg("full"))
     with pytest.raises(ValueError, match="not an export folder"):
         resolve_export(tmp_path)
+
+
+def test_export_from_before_gate_scale_loads_at_scale_one(tmp_path):
+    """An NSA export written before ``gate_weight_scale`` existed (no such key in config.json) had its
+    gate weights trained at scale 1; it loads so, with the same outputs as a model built so."""
+    torch.manual_seed(0)
+    cfg, acfg = model_cfg(), attn_cfg("nsa")
+    acfg.gate_weight_scale = 1.0
+    model = build_model(cfg, acfg).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.gate_proj.weight.normal_(std=0.3)
+    save_pretrained(model, tmp_path, cfg, acfg)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["attention"]["gate_weight_scale"], data["attention"]["gate_init"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    loaded, _ = load_pretrained(tmp_path)
+    assert loaded.attn_cfg.gate_weight_scale == 1.0
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
