@@ -140,9 +140,13 @@ def run_task(cfg: Mapping) -> Path:
     tcfg = OmegaConf.to_container(cfg[task], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[task])
     progress = bool(cfg.get("progress", True))
     t0 = time.time()
+    attention = cfg.get("attention") or {}
+    attention = OmegaConf.to_container(attention, resolve=True) if OmegaConf.is_config(attention) else dict(attention)
     lm = EvalLM.from_checkpoint(checkpoint, device=_device(cfg.get("device", "auto")), dtype=cfg.get("dtype"),
-                                max_length=cfg.get("max_length"), add_bos=bool(cfg.get("add_bos", True)))
-    name = cfg.get("name") or lm.info.name
+                                max_length=cfg.get("max_length"), add_bos=bool(cfg.get("add_bos", True)),
+                                attention=attention)
+    # changed attention settings get their own output folder, next to the run's plain evaluation
+    name = cfg.get("name") or lm.info.name + "".join(f"-{k}{v}" for k, v in sorted(attention.items()))
     out = Path(cfg.get("out_root", "outputs/eval")) / name / task
     out.mkdir(parents=True, exist_ok=True)
     if task == "ppl":
@@ -155,6 +159,7 @@ def run_task(cfg: Mapping) -> Path:
     doc = {"task": task, "name": name, "checkpoint": str(lm.info.export_dir),
            "run_dir": str(lm.info.run_dir) if lm.info.run_dir else None,
            "attention": getattr(getattr(lm.model, "attn_cfg", None), "kind", None),
+           "attention_overrides": attention,
            "seconds": round(time.time() - t0, 2), "config": saved_cfg, "results": results}
     write_json(out / "results.json", doc)
     write_jsonl(out / "predictions.jsonl", records)

@@ -12,7 +12,7 @@ cannot change any logit inside it, so no attention mask is needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +28,32 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
     return table[name]
+
+
+# NSA settings that hold no weights, so a trained model runs with other values (e.g. reading more
+# selected blocks than in training, to see whether block selection limits a result)
+INFERENCE_ATTENTION_KEYS = ("num_select", "num_init", "num_local", "window", "backend")
+
+
+def override_attention(model, overrides: Mapping) -> None:
+    """Change weight-free NSA settings of every attention layer of ``model`` in place (validated)."""
+    import dataclasses
+
+    from nsa.layer import NSAAttention
+
+    unknown = sorted(set(overrides) - set(INFERENCE_ATTENTION_KEYS))
+    if unknown:
+        raise ValueError(f"attention overrides at evaluation: {unknown} not allowed (they change weights or "
+                         f"shapes); allowed: {list(INFERENCE_ATTENTION_KEYS)}")
+    if getattr(model.attn_cfg, "kind", None) != "nsa":
+        raise ValueError("attention overrides at evaluation need an NSA model")
+    cfg = dataclasses.replace(model.attn_cfg, **dict(overrides))
+    cfg.validate()
+    layer_cfg = cfg.nsa_config(model.cfg)
+    for module in model.modules():
+        if isinstance(module, NSAAttention):
+            module.cfg = layer_cfg
+    model.attn_cfg = cfg
 
 
 class EvalLM:
@@ -46,12 +72,16 @@ class EvalLM:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
-                        max_length: int | None = None, add_bos: bool = True) -> EvalLM:
-        """Load an export dir or a run dir through ``train.model.load_pretrained``."""
+                        max_length: int | None = None, add_bos: bool = True,
+                        attention: Mapping | None = None) -> EvalLM:
+        """Load an export dir or a run dir through ``train.model.load_pretrained``; ``attention``:
+        NSA settings changed for this evaluation (:func:`override_attention`)."""
         from train.model import load_pretrained
 
         info = resolve_checkpoint(path)
         model, tokenizer = load_pretrained(str(info.export_dir), device=device, dtype=_dtype(dtype))
+        if attention:
+            override_attention(model, attention)
         return cls(model, tokenizer, max_length=max_length, add_bos=add_bos, info=info)
 
     # ---- tokens -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #      <attention of the run>: full: attention=full; nsa: attention=nsa;
 #      nsa_window_only: attention=nsa attention.branches=[win]
 #   4 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
+#                        (nsa also with +attention.num_select=16: every block, what selection costs)
 #   5 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/retrieval_probe/.stamps). The runs train one
@@ -78,6 +79,13 @@ for a in "${RUNS[@]}"; do
         "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" progress=false
     evals+=" outputs/eval/$NAME-$a/retrieval/results.json"
     runs+=("$run")
+    if [[ $a == nsa ]]; then
+        # diagnostic: the same model reading every block of these documents (<= 330 tokens, <= 11 blocks
+        # of 32) instead of its 6: what its top-n block selection costs
+        stage 4 "eval-retrieval-$a-num_select16" "outputs/eval/$NAME-$a-num_select16/retrieval/results.json" \
+            "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe.yaml" -- \
+            "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" +attention.num_select=16 progress=false
+    fi
 done
 stage 5 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
     "$PY" -m eval.compare "${runs[@]}" --out "$OUT" --summary "$OUT/summary.json"
@@ -89,6 +97,9 @@ if [[ -n ${PROBE_PUBLISH:-} ]]; then
         cp "outputs/eval/$NAME-$a/retrieval/results.json" "$PROBE_PUBLISH/$a-retrieval.json"
         cp "outputs/runs/$NAME-$a/config.yaml" "$PROBE_PUBLISH/$a-config.yaml"
     done
+    if [[ -f outputs/eval/$NAME-nsa-num_select16/retrieval/results.json ]]; then
+        cp "outputs/eval/$NAME-nsa-num_select16/retrieval/results.json" "$PROBE_PUBLISH/nsa-num_select16-retrieval.json"
+    fi
     echo "== published to $PROBE_PUBLISH"
 fi
 echo "== retrieval probe finished in $(( $(date +%s) - T_START ))s (this invocation); stage times:"

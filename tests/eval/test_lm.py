@@ -67,3 +67,32 @@ def test_checkpoint_without_tokenizer_is_refused(tiny_runs, tmp_path):
     (bare / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match="lacks tokenizer.model"):  # refused before any model is built
         EvalLM.from_checkpoint(bare)
+
+
+def test_attention_overrides_change_weight_free_nsa_settings_only(tiny_runs):
+    """``attention`` overrides at load (``python -m eval ... +attention.num_select=16``): every NSA
+    layer reads the new setting; the outputs change only through it (the default-n model and an
+    n=all model agree while every block is selected anyway); weight-changing keys and full
+    attention are refused."""
+    import pytest
+
+    from eval.lm import EvalLM
+
+    base = EvalLM.from_checkpoint(tiny_runs["nsa"])
+    n = base.model.attn_cfg.num_select
+    more = EvalLM.from_checkpoint(tiny_runs["nsa"], attention={"num_select": n + 4})
+    assert more.model.attn_cfg.num_select == n + 4
+    from nsa.layer import NSAAttention
+
+    layers = [m for m in more.model.modules() if isinstance(m, NSAAttention)]
+    assert layers and all(m.cfg.num_select == n + 4 for m in layers)
+    sel = base.model.attn_cfg.select_len
+    short = torch.randint(5, 90, (1, sel * (n - 1)))  # fewer blocks than n: selection is not a choice
+    long = torch.randint(5, 90, (1, sel * (n + 4)))
+    with torch.no_grad():
+        assert torch.equal(base.model(short).logits, more.model(short).logits)
+        assert not torch.equal(base.model(long).logits, more.model(long).logits)
+    with pytest.raises(ValueError, match="block_len"):
+        EvalLM.from_checkpoint(tiny_runs["nsa"], attention={"block_len": 8})
+    with pytest.raises(ValueError, match="NSA model"):
+        EvalLM.from_checkpoint(tiny_runs["full"], attention={"num_select": 4})
