@@ -82,8 +82,9 @@ case "$2" in
     mkdir -p "outputs/runs/$run/export" && date +%s%N >"outputs/runs/$run/export/model.safetensors"
     echo "attention: $att" >"outputs/runs/$run/config.yaml" ;;
   eval)
-    ck=$(arg checkpoint "$@"); task=$(arg task "$@")
-    mkdir -p "outputs/eval/${ck##*/}/$task" && date +%s%N >"outputs/eval/${ck##*/}/$task/results.json" ;;
+    ck=$(arg checkpoint "$@"); task=$(arg task "$@"); name=${ck##*/}
+    for a in "$@"; do [[ $a == +attention.*=* ]] && a=${a#+attention.} && name+="-${a%%=*}${a#*=}"; done
+    mkdir -p "outputs/eval/$name/$task" && date +%s%N >"outputs/eval/$name/$task/results.json" ;;
   eval.compare)
     summary=""
     for ((i = 1; i < $#; i++)); do if [[ ${!i} == --summary ]]; then j=$((i + 1)); summary=${!j}; fi; done
@@ -234,9 +235,11 @@ def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
         f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} run_name=retrieval_probe-{run} "
         f"train.init_from=outputs/runs/retrieval_probe_lookup-{run}")]
     evals = [c for c in calls if c.startswith("-m eval ")]
+    # every run once, and the NSA run again reading every block (what its selection costs)
     assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
-        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS]
+        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(2 if run == "nsa" else 1)]
     assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals)
+    assert sum("+attention.num_select=16" in c for c in evals) == 1
     assert calls[-1].startswith("-m eval.compare outputs/runs/retrieval_probe-full outputs/runs/retrieval_probe-nsa "
                                 "outputs/runs/retrieval_probe-nsa_window_only --out outputs/retrieval_probe "
                                 "--summary outputs/retrieval_probe/summary.json")
