@@ -15,6 +15,11 @@ the current token) scores on the same documents: how far a task is from the matc
 circuit a small model learns first. Near 1, one such head solves it; far below 1, every answer needs
 a match on several tokens (e.g. random letter strings cut into single characters).
 
+NSA models also get ``selection`` per task: for each answer token, the block holding its source
+(the token's latest occurrence before the answer) and whether each layer's block selection for
+the predicting query, per KV head, holds it; the rates, split by tokens predicted right and wrong,
+show where the look-up reads and what a missed selection costs (:func:`selection_summary`).
+
 Documents are tokenised whole, as in training; an answer's tokens are those that overlap its
 characters (a leading-space piece such as "▁word" counts as part of the answer "word").
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -76,12 +82,81 @@ def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 @torch.no_grad()
-def score_document(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Per answer: (tokens predicted right, tokens)."""
+def answer_token_hits(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[list[bool]]:
+    """Per answer, per token: predicted right (teacher-forced, one forward)."""
     x = torch.tensor([ids], dtype=torch.long, device=lm.device)
     pred = lm.logits(x)[0].argmax(-1)  # pred[t] is the prediction of token t + 1
     right = (pred[:-1] == x[0, 1:]).tolist()
-    return [(sum(right[s - 1:e - 1]), e - s) for s, e in spans]
+    return [right[s - 1:e - 1] for s, e in spans]
+
+
+def score_document(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Per answer: (tokens predicted right, tokens)."""
+    return [(sum(h), len(h)) for h in answer_token_hits(lm, ids, spans)]
+
+
+def selecting_layers(model) -> list:
+    """The model's NSA layers that select blocks (those with the selected branch)."""
+    from nsa.layer import NSAAttention
+
+    return [m for m in model.modules() if isinstance(m, NSAAttention) and "slc" in m.cfg.branches]
+
+
+@contextmanager
+def keep_selection(layers: list):
+    """While open, each layer keeps its last forward's selected blocks (``last_selection``)."""
+    for m in layers:
+        m.keep_selection, m.last_selection = True, None
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.keep_selection = False
+
+
+def selection_of_sources(layers: list, ids: list[int], spans: list[tuple[int, int]]) -> list[dict | None]:
+    """After a forward of ``ids`` under :func:`keep_selection`: per answer token ``p``, whether each
+    layer's block selection for the query at ``p - 1`` holds the token's source, the block of its
+    latest occurrence before the answer (``None`` if it has none there). ``[{"forced": bool,
+    "selected": [[bool per KV head] per layer]}]`` in answer-token order."""
+    sel = [m.last_selection[0].cpu() for m in layers]  # [T, Hkv, n] per layer
+    cfg = layers[0].cfg
+    ls = cfg.select_len
+    out = []
+    for s, e in spans:
+        latest = {t: q for q, t in enumerate(ids[:s])}
+        for p in range(s, e):
+            q = latest.get(ids[p])
+            if q is None:
+                out.append(None)
+                continue
+            b, cur = q // ls, (p - 1) // ls
+            out.append({"forced": b < cfg.num_init or b > cur - cfg.num_local,
+                        "selected": [(L[p - 1] == b).any(-1).tolist() for L in sel]})
+    return out
+
+
+def selection_summary(tokens: list[tuple[bool, dict | None]]) -> dict | None:
+    """Of ``(right, selection_of_sources entry)`` per answer token: the share whose source block is
+    forced (initial or local), and, over the others, the rate at which each (layer, KV head) selects
+    it, for the tokens predicted right and wrong (a head whose rate splits them is where the
+    look-up reads; a low rate there is the selection's cost)."""
+    have = [(r, x) for r, x in tokens if x is not None]
+    if not have:
+        return None
+    free = [(r, x) for r, x in have if not x["forced"]]
+
+    def rates(group):
+        if not group:
+            return None
+        n_layers, n_heads = len(group[0][1]["selected"]), len(group[0][1]["selected"][0])
+        return [[round(sum(x["selected"][i][h] for _, x in group) / len(group), 4) for h in range(n_heads)]
+                for i in range(n_layers)]
+
+    return {"tokens": len(have), "source_forced": sum(x["forced"] for _, x in have) / len(have),
+            "not_forced": len(free), "not_forced_right": sum(r for r, _ in free),
+            "selected_when_right": rates([g for g in free if g[0]]),
+            "selected_when_wrong": rates([g for g in free if not g[0]])}
 
 
 def one_token_lookup(ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -130,6 +205,8 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
     if not tasks:
         raise ValueError("retrieval.tasks is empty")
     n_buckets = int(cfg.get("num_buckets", 4))
+    # NSA: also where each answer's source block was selected
+    layers = selecting_layers(lm.model) if isinstance(getattr(lm, "model", None), torch.nn.Module) else []
     results, records = {}, []
     for task, tc in tasks.items():
         tc = dict(tc or {})
@@ -140,15 +217,22 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
                          int(tc.get("min_filler_chars", 0)), int(tc.get("max_filler_chars", 1000)),
                          int(cfg.get("seed", 0)), tc.get("kwargs"), float(tc.get("min_depth", 0.0)),
                          float(tc.get("max_depth", 1.0)))
-        rows = []
+        rows, sources = [], []
         for doc in tqdm(docs, desc=f"retrieval/{task}", disable=not progress):
             ids, spans = tokenize(lm, doc)
             if len(ids) > lm.max_length:
                 raise ValueError(f"a {task} document has {len(ids)} tokens, more than max_length {lm.max_length}: "
                                  f"lower retrieval.tasks.{task}.max_filler_chars")
+            with keep_selection(layers):
+                hits = answer_token_hits(lm, ids, spans)
+            if layers:
+                flat = [h for answer in hits for h in answer]
+                sources += zip(flat, selection_of_sources(layers, ids, spans), strict=True)
             rows.append({"task": task, "tokens": len(ids), "depth": doc.depth,
-                         "answers": score_document(lm, ids, spans), "lookup": one_token_lookup(ids, spans)})
+                         "answers": [(sum(h), len(h)) for h in hits], "lookup": one_token_lookup(ids, spans)})
         res = _summary(rows)
+        if layers:
+            res["selection"] = selection_summary(sources)
         # by document length: in longer documents the source of the answer can be further back
         order = sorted(rows, key=lambda r: r["tokens"])
         res["by_length"] = []
@@ -174,4 +258,16 @@ def results_markdown(results: Mapping) -> str:
         md += markdown_table(["tokens", "documents", "exact", "token acc"],
                              [[f"{b['min_tokens']}-{b['max_tokens']}", b["documents"], b["exact"], b["token_acc"]]
                               for b in r["by_length"]], 3)
+        sel = r.get("selection")
+        if sel and sel["not_forced"]:
+            md += (f"\n\nNSA block selection: {sel['source_forced']:.0%} of answer tokens have their source in a "
+                   f"forced block; of the other {sel['not_forced']} ({sel['not_forced_right']} right), the share "
+                   "whose source block each layer selects, per KV head, when right / when wrong:\n\n")
+
+            def fmt(rates, i):
+                return " ".join(f"{x:.2f}" for x in rates[i]) if rates else "-"
+
+            right, wrong = sel["selected_when_right"], sel["selected_when_wrong"]
+            md += markdown_table(["layer", "right", "wrong"],
+                                 [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
     return md + "\n"

@@ -177,6 +177,10 @@ class NSAAttention(nn.Module):
         self.scale = Dk ** -0.5
         self.gate_weight_scale = cfg.gate_weight_scale if cfg.gate_weight_scale is not None else 1.0 / C
         self._gate_means: torch.Tensor | None = None  # [branches kept], last forward's mean gates
+        # diagnostics (eval.retrieval): with keep_selection, a forward over a whole sequence (no
+        # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none)
+        self.keep_selection = False
+        self.last_selection: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -267,6 +271,8 @@ class NSAAttention(nn.Module):
             o_cmp, _, idx = nsa.compressed_attention_and_select(
                 q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
                 num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
+            if self.keep_selection and cu_seqlens is None:
+                self.last_selection = idx.detach()
         if "slc" in cfg.branches:
             o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
                                            backend=be)

@@ -112,3 +112,41 @@ def test_cli_task_on_a_checkpoint(tiny_runs, tmp_path):
     doc, rows = check_outputs(out, "retrieval", ["exact.png"])
     assert set(doc["results"]) == {"passkey", "mqar", "copy"} and len(rows) == 9
     assert all(0.0 <= r["exact"] <= 1.0 for r in doc["results"].values())
+
+
+class _Layer:
+    """Stands in for an NSA layer after a forward: its config and its kept selection."""
+
+    def __init__(self, selection, **cfg):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(select_len=4, num_init=1, num_local=1, **cfg)
+        self.last_selection = selection
+
+
+def test_selection_of_sources_by_hand():
+    """Blocks of 4 tokens, 1 initial + 1 local forced. Answer tokens 16..17 (queries 15, 16 in
+    block 3). Token 16's latest occurrence before the answer is at 9 (block 2, not forced); token
+    17's at 2 (block 0, forced); a token never seen before has no source."""
+    ids = [0, 5, 7, 5, 9, 9, 9, 9, 9, 6, 9, 9, 9, 9, 9, 9, 6, 7, 8]
+    sel = torch.full((1, len(ids), 2, 3), -1)
+    sel[0, 15, 0] = torch.tensor([0, 2, 3])   # head 0 selects block 2 for query 15, head 1 does not
+    sel[0, 15, 1] = torch.tensor([0, 1, 3])
+    out = retrieval.selection_of_sources([_Layer(sel)], ids, [(16, 19)])
+    assert out[0] == {"forced": False, "selected": [[True, False]]}
+    assert out[1]["forced"] is True
+    assert out[2] is None
+    summary = retrieval.selection_summary([(True, out[0]), (False, out[1]), (False, None)])
+    assert summary["tokens"] == 2 and summary["source_forced"] == 0.5 and summary["not_forced"] == 1
+    assert summary["selected_when_right"] == [[1.0, 0.0]] and summary["selected_when_wrong"] is None
+
+
+def test_nsa_checkpoint_reports_selection(tiny_lm):
+    """A real NSA model: every task gets per-layer, per-KV-head selection rates in [0, 1]."""
+    res, _ = retrieval.run_retrieval(tiny_lm, {"tasks": TASKS, "num_documents": 3, "seed": 1}, progress=False)
+    for r in res.values():
+        sel = r["selection"]
+        n_layers = len(retrieval.selecting_layers(tiny_lm.model))
+        for rates in (sel["selected_when_right"], sel["selected_when_wrong"]):
+            assert rates is None or (len(rates) == n_layers and all(0 <= x <= 1 for row in rates for x in row))
+    assert all(m.last_selection is None or not m.keep_selection for m in retrieval.selecting_layers(tiny_lm.model))
