@@ -44,8 +44,9 @@ def load_config(path) -> tuple[ModelConfig, AttentionConfig]:
     if set(data) != {"model", "attention"}:
         raise ValueError(f"{cfg_file}: expected keys 'model' and 'attention', got {sorted(data)}")
     attention = dict(data["attention"])
-    # exports written before gates had a weight scale: their gate weights were trained at scale 1
-    attention.setdefault("gate_weight_scale", 1.0)
+    # NSA exports written before gates had a weight scale: their gate weights were trained at scale 1
+    if attention.get("kind") == "nsa":
+        attention.setdefault("gate_weight_scale", 1.0)
     return ModelConfig.from_dict(data["model"]), AttentionConfig.from_dict(attention)
 
 
@@ -77,15 +78,17 @@ def resolve_export(path) -> Path:
 def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionConfig) -> Path:
     """Copy the weights of the export at ``path`` (or a run dir's export/) into ``model``, built from
     ``model_cfg``/``attention_cfg``. The shapes must agree and so must every setting that changes
-    what a weight means; the context settings (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and
-    the init scales may differ, so a model trained on short documents can be extended. Returns the folder."""
+    what a weight means (for full attention: none of the NSA settings); the context settings
+    (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and the init scales (incl. ``gate_init``) may differ, so a model trained on short documents can be extended. Returns the folder."""
     src = resolve_export(path)
     src_model, src_attn = load_config(src)
     free = {"max_seq_len", "rope_theta", "rope_scaling", "init_std", "embed_init_std"}
     a, b = model_cfg.to_dict(), src_model.to_dict()
     differ = sorted(k for k in a if k not in free and a[k] != b.get(k))
     a, b = attention_cfg.to_dict(), src_attn.to_dict()
-    differ += sorted(f"attention.{k}" for k in a if k != "backend" and a[k] != b.get(k))
+    # full attention has no NSA weights, so its NSA settings mean nothing; gate_init is an init scale
+    keys = ["kind"] if a["kind"] == b["kind"] == "full" else [k for k in a if k not in ("backend", "gate_init")]
+    differ += sorted(f"attention.{k}" for k in keys if a[k] != b.get(k))
     if differ:
         raise ValueError(f"{src}: its model differs from this run's in {', '.join(differ)}")
     _load_state(model, src)

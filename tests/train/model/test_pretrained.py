@@ -112,3 +112,34 @@ def test_export_from_before_gate_scale_loads_at_scale_one(tmp_path):
     ids = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_weights_settings_that_do_not_change_weights(tmp_path):
+    """A full-attention export loads whatever its (unused) NSA settings say, also one written before
+    the gate settings existed (no keys in config.json); an NSA export loads with another gate_init
+    (an init value), not with another gate_weight_scale, nor, when old, at the new default scale."""
+    from dataclasses import replace
+
+    from train.model.pretrained import load_weights
+
+    cfg = model_cfg()
+    full = attn_cfg("full")
+    save_pretrained(build_model(cfg, full), tmp_path / "full", cfg, full)
+    data = json.loads((tmp_path / "full" / "config.json").read_text())
+    del data["attention"]["gate_weight_scale"], data["attention"]["gate_init"]
+    data["attention"]["num_select"] = 3
+    (tmp_path / "full" / "config.json").write_text(json.dumps(data))
+    load_weights(build_model(cfg, full), tmp_path / "full", cfg, full)
+
+    nsa = attn_cfg("nsa")
+    save_pretrained(build_model(cfg, nsa), tmp_path / "nsa", cfg, nsa)
+    other_init = replace(nsa, gate_init={"cmp": 0.5, "slc": 0.5, "win": 0.5})
+    load_weights(build_model(cfg, other_init), tmp_path / "nsa", cfg, other_init)
+    with pytest.raises(ValueError, match="attention.gate_weight_scale"):
+        load_weights(build_model(cfg, replace(nsa, gate_weight_scale=1.0)), tmp_path / "nsa", cfg,
+                     replace(nsa, gate_weight_scale=1.0))
+    data = json.loads((tmp_path / "nsa" / "config.json").read_text())
+    del data["attention"]["gate_weight_scale"]
+    (tmp_path / "nsa" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="attention.gate_weight_scale"):
+        load_weights(build_model(cfg, nsa), tmp_path / "nsa", cfg, nsa)
