@@ -90,11 +90,6 @@ def answer_token_hits(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[
     return [right[s - 1:e - 1] for s, e in spans]
 
 
-def score_document(lm, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Per answer: (tokens predicted right, tokens)."""
-    return [(sum(h), len(h)) for h in answer_token_hits(lm, ids, spans)]
-
-
 def selecting_layers(model) -> list:
     """The model's NSA layers that select blocks (those with the selected branch)."""
     from nsa.layer import NSAAttention

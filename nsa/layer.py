@@ -175,7 +175,6 @@ class NSAAttention(nn.Module):
         self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress, out_bias=False)
         self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
         self.scale = Dk ** -0.5
-        self.gate_weight_scale = cfg.gate_weight_scale if cfg.gate_weight_scale is not None else 1.0 / C
         self._gate_means: torch.Tensor | None = None  # [branches kept], last forward's mean gates
         # diagnostics (eval.retrieval): with keep_selection, a forward over a whole sequence (no
         # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none)
@@ -192,6 +191,13 @@ class NSAAttention(nn.Module):
             self.gate_proj.bias.copy_(torch.logit(p).repeat(self.cfg.num_heads))  # [H*3], head-major
         self.compress_k.reset_parameters()
         self.compress_v.reset_parameters()
+
+    @property
+    def gate_weight_scale(self) -> float:
+        """The gate weight's scale ``s`` in ``sigmoid(b + s * W x)``: ``cfg.gate_weight_scale``, or
+        ``1 / hidden_size`` when that is None."""
+        s = self.cfg.gate_weight_scale
+        return s if s is not None else 1.0 / self.cfg.hidden_size
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B,T,C]`` -> gates ``[B,T,H,3]`` (cmp, slc, win), ``sigmoid(b + s * W x)``."""

@@ -79,7 +79,8 @@ def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionCo
     """Copy the weights of the export at ``path`` (or a run dir's export/) into ``model``, built from
     ``model_cfg``/``attention_cfg``. The shapes must agree and so must every setting that changes
     what a weight means (for full attention: none of the NSA settings); the context settings
-    (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and the init scales (incl. ``gate_init``) may differ, so a model trained on short documents can be extended. Returns the folder."""
+    (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and the init scales (incl. ``gate_init``)
+    may differ, so a model trained on short documents can be extended. Returns the folder."""
     src = resolve_export(path)
     src_model, src_attn = load_config(src)
     free = {"max_seq_len", "rope_theta", "rope_scaling", "init_std", "embed_init_std"}
