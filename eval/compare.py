@@ -314,25 +314,61 @@ def _verdict_rows(nsa: dict, full: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def verdict_section(entries: list[Entry]) -> str:
-    """In plain words: what the NSA run won, lost and tied against the full-attention run (ties:
-    within 1% of the loss, 0.05 of an accuracy, 5% of the speed)."""
-    nsa = next((e for e in entries if e.attention == "nsa" and "window_only" not in e.name), None)
-    nsa = nsa or next((e for e in entries if e.attention == "nsa"), None)
-    full = next((e for e in entries if e.attention == "full"), None)
-    if nsa is None or full is None:
-        return ""
+def experiment_of(entry: Entry) -> str:
+    """The experiment a run belongs to: its name before the first "-" ("demo_retrieval-nsa" ->
+    "demo_retrieval"), or the whole name."""
+    return entry.name.split("-", 1)[0]
+
+
+def nsa_full_pairs(entries: list[Entry]) -> list[tuple[Entry, Entry]]:
+    """``(nsa, full)`` per experiment (see :func:`experiment_of`) holding both, in the order of the
+    entries; the NSA run is the first one that is not an ablation (``window_only`` in its name).
+    When no experiment holds both, all entries count as one experiment."""
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(experiment_of(e), []).append(e)
+
+    def pair(group):
+        nsas = [e for e in group if e.attention == "nsa"]
+        nsa = next((e for e in nsas if "window_only" not in e.name), nsas[0] if nsas else None)
+        full = next((e for e in group if e.attention == "full"), None)
+        return None if nsa is None or full is None else (nsa, full)
+
+    pairs = [p for p in map(pair, groups.values()) if p is not None]
+    return pairs or [p for p in [pair(entries)] if p is not None]
+
+
+def _verdict(nsa: Entry, full: Entry) -> list[tuple[str, str, str]]:
     s = summary([nsa, full])["runs"]
     a, b = s[short_name(nsa, [nsa, full])], s[short_name(full, [nsa, full])]
     a["tokens_per_sec"], b["tokens_per_sec"] = throughput(nsa.metrics)["median"], throughput(full.metrics)["median"]
-    rows = _verdict_rows(a, b)
-    if not rows:
-        return ""
+    return _verdict_rows(a, b)
+
+
+def _verdict_words(rows: list[tuple[str, str, str]]) -> list[str]:
     by = {k: [m for m, _, o in rows if o == k] for k in ("NSA won", "NSA lost", "tied")}
     words = {"NSA won": "won", "NSA lost": "lost", "tied": "tied"}
-    lines = [f"- **{words[k]}**: " + "; ".join(v) for k, v in by.items() if v]
-    return (f"## Verdict: {nsa.name} (NSA) against {full.name} (full attention)\n\n" + "\n".join(lines) + "\n\n"
-            + markdown_table(["measure", "NSA vs full", "outcome"], [list(r) for r in rows], 4) + "\n")
+    return [f"**{words[k]}**: " + "; ".join(v) for k, v in by.items() if v]
+
+
+def verdict_section(entries: list[Entry]) -> str:
+    """In plain words: what NSA won, lost and tied against full attention (ties: within 1% of the
+    loss, 0.05 of an accuracy, 5% of the speed), for each experiment that has an NSA and a full run
+    (``make demo``: the language-model pair and the retrieval pair)."""
+    pairs = [(nsa, full, _verdict(nsa, full)) for nsa, full in nsa_full_pairs(entries)]
+    pairs = [p for p in pairs if p[2]]
+    if not pairs:
+        return ""
+    if len(pairs) == 1:
+        nsa, full, rows = pairs[0]
+        return (f"## Verdict: {nsa.name} (NSA) against {full.name} (full attention)\n\n"
+                + "\n".join(f"- {w}" for w in _verdict_words(rows)) + "\n\n"
+                + markdown_table(["measure", "NSA vs full", "outcome"], [list(r) for r in rows], 4) + "\n")
+    text, table = "## Verdict: NSA against full attention\n\n", []
+    for nsa, full, rows in pairs:
+        text += f"- {experiment_of(nsa)} ({nsa.name} vs {full.name}): " + "; ".join(_verdict_words(rows)) + "\n"
+        table += [[experiment_of(nsa), *r] for r in rows]
+    return text + "\n" + markdown_table(["experiment", "measure", "NSA vs full", "outcome"], table, 4) + "\n"
 
 
 def build_report(entries: list[Entry], out: Path) -> Path:

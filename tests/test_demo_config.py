@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("demo", "compare_small")
+EXPERIMENTS = ("demo", "demo_retrieval", "compare_small")
 
 
 def compose(overrides):
@@ -54,7 +54,7 @@ def test_experiment_composes_validates_and_pairs_runs(experiment):
     assert plain["nsa"] == plain["full"]  # same model, data, seed, order, budget, schedule
 
 
-@pytest.mark.parametrize("experiment,max_fraction", [("demo", 0.3), ("compare_small", 0.4)])
+@pytest.mark.parametrize("experiment,max_fraction", [("demo", 0.3), ("demo_retrieval", 0.3), ("compare_small", 0.4)])
 def test_nsa_is_really_sparse_at_the_training_length(experiment, max_fraction):
     """A query at the last position reads well under the full context (Table 4 counting)."""
     from nsa.cache import kv_tokens_read
@@ -130,33 +130,43 @@ def test_demo_runs_the_documented_stages_once(tmp_path):
     root, log, env = _sandbox(tmp_path)
     calls, out = _run(root, "demo.sh", env, log)
     modules = [c.split()[1] for c in calls]
-    assert modules == ["data.tokenizer", "data.prepare", "train", "train", "eval", "eval", "eval", "eval",
-                       "eval.compare"]
+    assert modules == ["data.tokenizer", "data.prepare"] + ["train"] * 4 + ["eval"] * 6 + ["eval.compare"]
     assert [c for c in calls if c.startswith("-m train")] == [
-        "-m train experiment=demo attention=nsa", "-m train experiment=demo attention=full"]
+        "-m train experiment=demo attention=nsa", "-m train experiment=demo attention=full",
+        "-m train experiment=demo_retrieval attention=nsa", "-m train experiment=demo_retrieval attention=full"]
     assert [re.search(r"task=(\w+)", c).group(1) + ":" + c.split("checkpoint=")[1].split()[0]
             for c in calls if c.startswith("-m eval ")] == [
         "ppl:outputs/runs/demo-nsa", "ppl:outputs/runs/demo-full",
-        "niah:outputs/runs/demo-nsa", "niah:outputs/runs/demo-full"]
+        "niah:outputs/runs/demo-nsa", "niah:outputs/runs/demo-full",
+        "retrieval:outputs/runs/demo_retrieval-nsa", "retrieval:outputs/runs/demo_retrieval-full"]
+    assert all("eval@retrieval=demo_retrieval" in c for c in calls if "task=retrieval" in c)
+    assert calls[-1] == ("-m eval.compare outputs/runs/demo-nsa outputs/runs/demo-full outputs/runs/demo_retrieval-nsa "
+                         "outputs/runs/demo_retrieval-full --out outputs/demo")
     documented = [" ".join(c.split()[:3]) for c in _documented_commands(root / "launch" / "demo.sh")]
-    assert documented == ["python -m data.tokenizer", "python -m data.prepare", "python -m train",
-                          "python -m train", "python -m eval", "python -m eval", "python -m eval.compare"]
+    assert documented == ["python -m data.tokenizer", "python -m data.prepare"] + ["python -m train"] * 4 + [
+        "python -m eval"] * 3 + ["python -m eval.compare"]
     assert out.rstrip().endswith(f"report: {root}/outputs/demo/report.md")
     report = (root / "outputs/demo/report.md").read_text()
-    assert "## How this report was made" in report and "| train-nsa |" in report
+    assert "## How this report was made" in report and "| train-nsa |" in report and "| train-retrieval-full |" in report
 
     calls, out = _run(root, "demo.sh", env, log)  # second run: everything up to date
-    assert calls == [] and out.count("up to date, skipped") == 9
+    assert calls == [] and out.count("up to date, skipped") == 13
 
-    cfg = root / "configs/experiment/demo.yaml"  # a changed experiment retrains, re-evaluates, re-compares
+    cfg = root / "configs/experiment/demo.yaml"  # a changed experiment retrains, re-evaluates, re-compares its pair
     cfg.write_text(cfg.read_text() + "\n# changed\n")
     calls, _ = _run(root, "demo.sh", env, log)
     assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval", "eval", "eval.compare"]
 
+    cfg = root / "configs/experiment/demo_retrieval.yaml"
+    cfg.write_text(cfg.read_text() + "\n# changed\n")
+    calls, _ = _run(root, "demo.sh", env, log)
+    assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval.compare"]
+    assert all("demo_retrieval" in c for c in calls[:-1])
+
     cfg = root / "configs/eval/niah.yaml"  # a changed evaluation config re-evaluates (all tasks), nothing else
     cfg.write_text(cfg.read_text() + "\n# changed\n")
     calls, _ = _run(root, "demo.sh", env, log)
-    assert [c.split()[1] for c in calls] == ["eval", "eval", "eval", "eval", "eval.compare"]
+    assert [c.split()[1] for c in calls] == ["eval"] * 6 + ["eval.compare"]
 
 
 def test_compare_small_trains_both_then_evaluates(tmp_path):

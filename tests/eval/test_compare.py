@@ -133,3 +133,22 @@ def test_summary_counts_every_stage_of_a_curriculum(tmp_path):
     s = compare.summary([compare.load_entry(second, tmp_path / "eval")])
     assert s["runs"]["full"]["steps"] == 40 and len(s["runs"]["full"]["stages"]) == 2
     assert compare.stages(first) == [{"run": "probe_lookup-full", "steps": 20}]
+
+
+def test_verdict_per_experiment(tmp_path):
+    """Runs of two experiments (make demo: a language-model pair and a retrieval pair) get one
+    verdict line each, every NSA run set against the full-attention run of its own experiment."""
+    runs = [_fake_run(tmp_path, "demo-nsa", "nsa", 2.00, {}, 1000),
+            _fake_run(tmp_path, "demo-full", "full", 2.50, {}, 1000),
+            _fake_run(tmp_path, "demo_retrieval-nsa", "nsa", 1.00, {"copy": 0.2}, 900),
+            _fake_run(tmp_path, "demo_retrieval-full", "full", 1.00, {"copy": 0.9}, 1000)]
+    entries = [compare.load_entry(r, tmp_path / "eval") for r in runs]
+    assert [(a.name, b.name) for a, b in compare.nsa_full_pairs(entries)] == [
+        ("demo-nsa", "demo-full"), ("demo_retrieval-nsa", "demo_retrieval-full")]
+    text = compare.verdict_section(entries)
+    assert "- demo (demo-nsa vs demo-full): **won**: final validation loss (lower is better)" in text
+    assert ("- demo_retrieval (demo_retrieval-nsa vs demo_retrieval-full): **lost**: copy retrieval, exact answers; "
+            "training speed (tokens/s); **tied**: final validation loss") in text
+    # names without an experiment prefix: all runs form one experiment
+    runs = [_fake_run(tmp_path / "b", "nsarun", "nsa", 2.0, {}, 1000), _fake_run(tmp_path / "b", "fullrun", "full", 2.5, {}, 1000)]
+    assert len(compare.nsa_full_pairs([compare.load_entry(r, tmp_path / "b" / "eval") for r in runs])) == 1
