@@ -107,13 +107,13 @@ run_setup() {
     fi
 }
 
-# eval_runs NAME [LABEL]: stages eval-<task>-[LABEL-]<run> for each task of EVAL_TASKS (default: ppl
+# eval_runs NAME: stages eval-<task>-<run> for each task of EVAL_TASKS (default: ppl
 # niah; the overrides of task x are the array X_ARGS, e.g. PPL_ARGS, which must be set; task=x is
 # passed here) and each run outputs/runs/NAME-<a>, a in RUNS; numbered from $num on. Appends the
 # result files to EVALS and the run dirs to COMPARED (for compare_runs). A stage's stamp covers the
 # exported model and the evaluation configs, so editing either re-runs it.
 eval_runs() {
-    local name=$1 label=${2:+$2-} task a run
+    local name=$1 task a run
     local -a args tasks=(ppl niah)
     [[ -n ${EVAL_TASKS+set} ]] && tasks=("${EVAL_TASKS[@]}")
     for task in "${tasks[@]}"; do
@@ -126,7 +126,7 @@ eval_runs() {
         unset -n task_args
         for a in "${RUNS[@]}"; do
             run=outputs/runs/$name-$a
-            stage $num "eval-$task-$label$a" "outputs/eval/$name-$a/$task/results.json" \
+            stage $num "eval-$task-$a" "outputs/eval/$name-$a/$task/results.json" \
                 "$run/export/model.safetensors configs/eval.yaml $(echo configs/eval/*.yaml)" -- \
                 "$PY" -m eval task="$task" "${args[@]}" checkpoint="$run" progress=false wandb.enabled=true
             EVALS+=" outputs/eval/$name-$a/$task/results.json"
@@ -197,7 +197,7 @@ EVAL_TASKS=(ppl niah)
 eval_runs $NAME
 RETRIEVAL_ARGS=(eval@retrieval=demo_retrieval)
 EVAL_TASKS=(retrieval)
-eval_runs ${NAME}_retrieval retrieval
+eval_runs ${NAME}_retrieval
 compare_runs
 
 # Footer: how the report was made (device, commit, stage times of the invocations that did the work).
