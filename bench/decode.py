@@ -15,7 +15,8 @@ selected + window for NSA; exact counts) and the paper's Table 4 value (compress
 rounded to ``s/d``: 4x, 6.4x, 9.1x, 11.6x at 8k..64k). Decode is memory-bound, so the
 expected ratio is an upper bound that the measured one approaches when K/V traffic
 dominates (large batch, long context); at batch 1 fixed per-step costs (projections,
-kernel launches; NSA's decode is a dense torch path of several small ops) weigh more.
+kernel launches, per-op dispatch) weigh more. On CPU float32 NSA's step runs on the fused op
+``nsa.ops.decode_cpu`` (``NSA_DECODE_KERNEL=0``: the torch path); ``meta.nsa_decode`` says which.
 
 Defaults: CPU, the ``small`` preset (NSA l=16, d=8, l'=32, n=4, w=128; 8 heads, 2 KV heads,
 D=64) at 1k/2k/4k; CUDA, the ``paper`` preset (64 heads, 4 KV heads, Dk=192, Dv=128, l=32,
@@ -35,6 +36,7 @@ import torch
 
 from nsa.cache import kv_tokens_read
 from nsa.layer import NSAAttention, NSAConfig
+from nsa.ops import decode_cpu
 from train.model.attention import FullAttention
 from train.model.rope import RotaryEmbedding
 
@@ -131,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per context (median)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default=None, choices=["torch", "triton"],
-                   help="NSA backend of the prefill (the timed decode steps are a torch path either way); "
+                   help="NSA backend of the prefill (the timed decode steps do not use it); "
                         "default: the nsa default for the device")
     p.add_argument("--out", default="outputs/bench/decode.json", help="JSON output path")
     return p.parse_args(argv)
@@ -150,10 +152,13 @@ def main(argv=None) -> int:
     if min(contexts) < 2 or batch < 1 or steps < 1:
         raise SystemExit("bench.decode: contexts must be >= 2, batch and steps >= 1")
     device = torch.device(args.device)
+    kernel = decode_cpu.applies(device, getattr(torch, dtype_name))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "preset": preset, "layer": cfg, "batch": batch, "steps": steps,
-            "dtype": dtype_name, "backend": args.backend, "timing": "median ms of one-token decode steps of one attention layer"}
+            "dtype": dtype_name, "backend": args.backend,
+            "nsa_decode": "cpu kernel (nsa.ops.decode_cpu)" if kernel else "torch (nsa.cache.decode_token)",
+            "timing": "median ms of one-token decode steps of one attention layer"}
     print(json.dumps(meta))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ All rows of the batch share one length. A decode step for ``m`` new tokens
 entries, the ``n`` selected blocks and the window, as counted by
 :func:`kv_tokens_read`. The math is a small dense torch path (no Triton): for
 one token it touches a few thousand keys, so a kernel launch per branch
-would cost more than it saves.
+would cost more than it saves. On CPU float32 the layer runs a one-token step
+on a fused C++ op instead (``nsa.ops.decode_cpu``); :func:`decode_token` is its
+reference.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class NSACache:
         """
         k_new, v_new = kv["slc"]
         B, m = k_new.shape[:2]
-        s, l, d, w = self.length, self.block_len, self.stride, self.window
+        s, l, w = self.length, self.block_len, self.window
         if B != self.batch_size:
             raise ValueError(f"NSACache: batch of {B} rows, cache was built for {self.batch_size}")
         if s + m > self.max_len:
@@ -133,13 +135,7 @@ class NSACache:
         # the compressed branch's raw tokens since the oldest incomplete block, head-major
         k_c, v_c = kv["cmp"]
         k_c, v_c = k_c.transpose(1, 2).to(self._k_tail.dtype), v_c.transpose(1, 2).to(self._v_tail.dtype)
-        room = self._k_tail.shape[2]
-        if self._t1 + m > room and self._t1 - self._t0 + m <= room:  # compact: move the tail to the front
-            n = self._t1 - self._t0
-            for buf in (self._k_tail, self._v_tail):
-                buf[:, :, :n] = buf[:, :, self._t0:self._t1].clone()
-            self._t0, self._t1 = 0, n
-        if self._t1 + m <= room:
+        if self._make_room(m):
             self._k_tail[:, :, self._t1:self._t1 + m] = k_c
             self._v_tail[:, :, self._t1:self._t1 + m] = v_c
             seq_k = self._k_tail[:, :, self._t0:self._t1 + m]
@@ -147,24 +143,9 @@ class NSACache:
         else:  # a long prefill: join tail and new tokens once
             seq_k = torch.cat((self._k_tail[:, :, self._t0:self._t1], k_c), 2)
             seq_v = torch.cat((self._v_tail[:, :, self._t0:self._t1], v_c), 2)
-        p0 = s - (self._t1 - self._t0)  # absolute position of seq[:, :, 0]
-        n_total = (s + m - l) // d + 1 if s + m >= l else 0
-        n_new = n_total - self.num_cmp
-        if n_new > 0:
-            if compressed is None:
-                a = self.num_cmp * d - p0
-                kb = seq_k[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)  # [B, Hkv, n, D, l]
-                vb = seq_v[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)
-                kc, vc = compress(kb.permute(0, 2, 1, 4, 3), vb.permute(0, 2, 1, 4, 3))  # blocks [B, n, Hkv, l, D]
-            else:
-                kc, vc = compressed
-            if kc.shape[1] != n_new:
-                raise ValueError(f"NSACache: got {kc.shape[1]} compressed blocks, expected {n_new}")
-            self._k_cmp[:, :, self.num_cmp:n_total] = kc.transpose(1, 2)
-            self._v_cmp[:, :, self.num_cmp:n_total] = vc.transpose(1, 2)
-            self.num_cmp = n_total
+        self._add_compressed(seq_k, seq_v, s + m, compress, compressed)
         keep = min(l - 1, seq_k.shape[2])  # every incomplete block lies in the last l - 1 tokens
-        if self._t1 + m <= room:
+        if self._t1 + m <= self._k_tail.shape[2]:
             self._t1 += m
             self._t0 = self._t1 - keep
         else:
@@ -172,6 +153,60 @@ class NSACache:
                 buf[:, :, :keep] = seq[:, :, seq.shape[2] - keep:]
             self._t0, self._t1 = 0, keep
         self.length = s + m
+
+    def _make_room(self, m: int) -> bool:
+        """Whether ``m`` new tokens fit in the tail buffer after ``_t1``, moving the tail to the front
+        when that makes them fit."""
+        room = self._k_tail.shape[2]
+        if self._t1 + m > room and self._t1 - self._t0 + m <= room:
+            n = self._t1 - self._t0
+            for buf in (self._k_tail, self._v_tail):
+                buf[:, :, :n] = buf[:, :, self._t0:self._t1].clone()
+            self._t0, self._t1 = 0, n
+        return self._t1 + m <= room
+
+    def _add_compressed(self, seq_k, seq_v, end: int, compress, compressed=None) -> None:
+        """Append the compressed entries of the blocks that end at or before token ``end - 1``, built by
+        ``compress`` from the raw ``seq_k, seq_v [B, Hkv, n, D]`` (tokens ``end - n .. end - 1``)
+        unless given as ``compressed``."""
+        l, d = self.block_len, self.stride
+        p0 = end - seq_k.shape[2]  # absolute position of seq[:, :, 0]
+        n_total = (end - l) // d + 1 if end >= l else 0
+        n_new = n_total - self.num_cmp
+        if n_new <= 0:
+            return
+        if compressed is None:
+            a = self.num_cmp * d - p0
+            kb = seq_k[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)  # [B, Hkv, n, D, l]
+            vb = seq_v[:, :, a:a + (n_new - 1) * d + l].unfold(2, l, d)
+            kc, vc = compress(kb.permute(0, 2, 1, 4, 3), vb.permute(0, 2, 1, 4, 3))  # blocks [B, n, Hkv, l, D]
+        else:
+            kc, vc = compressed
+        if kc.shape[1] != n_new:
+            raise ValueError(f"NSACache: got {kc.shape[1]} compressed blocks, expected {n_new}")
+        self._k_cmp[:, :, self.num_cmp:n_total] = kc.transpose(1, 2)
+        self._v_cmp[:, :, self.num_cmp:n_total] = vc.transpose(1, 2)
+        self.num_cmp = n_total
+
+    # one token written in place by a fused op (nsa.ops.decode_cpu): reserve_one, write, commit_one
+
+    def reserve_one(self) -> tuple[int, int, int]:
+        """Where one new token's K/V go: ``(s, s % w, tail row)`` in the selected, window and tail buffers."""
+        s = self.length
+        if s + 1 > self.max_len:
+            raise ValueError(f"NSACache: {s} cached + 1 new tokens exceed max_len={self.max_len}")
+        self._make_room(1)
+        return s, s % self.window, self._t1
+
+    def commit_one(self, compress: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Count the token written at :meth:`reserve_one`'s places; compress the block it completes, if any."""
+        s, l = self.length, self.block_len
+        if s + 1 >= l and (s + 1 - l) % self.stride == 0:
+            tail = slice(self._t0, self._t1 + 1)
+            self._add_compressed(self._k_tail[:, :, tail], self._v_tail[:, :, tail], s + 1, compress)
+        self._t1 += 1
+        self._t0 = max(self._t0, self._t1 - (l - 1))
+        self.length = s + 1
 
 
 # ---------------------------------------------------------------------- decode-time attention
@@ -307,7 +342,12 @@ def decode_token(q: torch.Tensor, cache: NSACache, scale: float, *, num_select: 
     S[..., :num_init] = float("inf")
     S[..., max(0, n_sel - num_local):] = float("inf")
     k = min(num_select, n_sel)
-    idx = torch.sort(torch.sort(S, dim=-1, descending=True, stable=True).indices[..., :k], dim=-1).values
+    # top-k with ties to the lower j, exactly: S >= 0, so its float32 bits order like its values; the
+    # int64 key bits(S) * 2^32 + (n_sel - 1 - j) is unique and orders by S, then by lower j
+    # (one topk instead of a stable sort of all n_sel blocks)
+    tie = torch.arange(n_sel - 1, -1, -1, device=S.device)
+    key = S.float().view(torch.int32).to(torch.int64).bitwise_left_shift_(32).add_(tie)
+    idx = key.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     # gather the k blocks of every (row, head) with one index_select on the [B*Hkv*blocks, l', D] view
     n_blk = cache._k_slc.shape[2] // ls
     flat = (idx + (torch.arange(B * Hkv, device=q.device) * n_blk).view(B, Hkv, 1)).flatten()

@@ -22,6 +22,7 @@ from nsa.cache import (
     decode_token,
     decode_window,
 )
+from nsa.ops import decode_cpu
 from nsa.ops.common import check_block_params, check_selection_params, resolve_backend
 from nsa.rope import apply_rotary
 
@@ -175,7 +176,7 @@ class NSAAttention(nn.Module):
         self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress, out_bias=False)
         self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
         self.scale = Dk ** -0.5
-        self._gate_means: torch.Tensor | None = None  # [branches kept], last forward's mean gates
+        self._gates: torch.Tensor | None = None  # [B, T, H, branches kept], last forward's gates (detached)
         # diagnostics (eval.retrieval): with keep_selection, a forward over a whole sequence (no
         # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none)
         self.keep_selection = False
@@ -209,11 +210,15 @@ class NSAAttention(nn.Module):
     @property
     def last_gate_means(self) -> dict[str, torch.Tensor]:
         """Mean gate of each kept branch in the last forward (``{"g_cmp": 0-d tensor, ...}``), for
-        logging. The forward keeps one ``[branches]`` reduction; the dict is built only when read."""
-        if self._gate_means is None:
+        logging. The forward keeps its detached gates; they are reduced only when read."""
+        if self._gates is None:
             return {}
         kept = [b for b in BRANCHES if b in self.cfg.branches]
-        return {f"g_{b}": self._gate_means[i] for i, b in enumerate(kept)}
+        g = self._gates
+        if len(kept) < 3:
+            g = g[..., [BRANCHES.index(b) for b in kept]]
+        means = g.float().mean((0, 1, 2))
+        return {f"g_{b}": means[i] for i, b in enumerate(kept)}
 
     # ------------------------------------------------------------------ pieces
 
@@ -334,6 +339,19 @@ class NSAAttention(nn.Module):
             o_slc = decode_selected(qg, cache, pos, idx, self.scale)
         return tuple(o if o is None else o.reshape(B, m, H, -1).to(q.dtype) for o in (o_cmp, o_slc, o_win))
 
+    def _decode_step_cpu(self, x, cos, sin, cache: NSACache) -> torch.Tensor:
+        """One-token step on the fused CPU op (``nsa.ops.decode_cpu``): the projections, then RoPE and
+        cache write in one call, attention, gates and their sum in another; same result as the torch path."""
+        cfg = self.cfg
+        q, kv = self.q_proj(x), self.kv_proj(x)  # [B, 1, H*Dk], [B, 1, nb*Hkv*(Dk+Dv)]
+        decode_cpu.rope_store(q, kv, cos, sin, cache, self.branches_kv)
+        cache.commit_one(self.compress)
+        gate = (x, self.gate_proj.weight, self.gate_proj.bias, self.gate_weight_scale)
+        _, _, o, self._gates = decode_cpu.attend(q, cache, self.scale, num_select=cfg.num_select,
+                                                 num_init=cfg.num_init, num_local=cfg.num_local,
+                                                 branches=cfg.branches, gates=gate)  # o [B, 1, H*Dv]
+        return self.o_proj(o)
+
     # ------------------------------------------------------------------ public
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> NSACache:
@@ -377,6 +395,8 @@ class NSAAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H = cfg.num_heads
+        if T == 1 and cache is not None and cache.length > 0 and decode_cpu.usable(x, cache):
+            return self._decode_step_cpu(x, cos, sin, cache)
         q = apply_rotary(self.q_proj(x).view(B, T, H, cfg.head_dim_k), cos, sin)
         kv = self._branch_kv(x, cos, sin)
         if cache is not None and cache.length > 0:
@@ -386,9 +406,9 @@ class NSAAttention(nn.Module):
             if cache is not None:
                 cache.append(kv, self.compress, compressed=compressed)
         g = self.gates(x)
+        self._gates = g.detach()
         on = [i for i, name in enumerate(BRANCHES) if name in cfg.branches]
         if len(on) < 3:
             g = g[..., on]
-        self._gate_means = g.detach().float().mean((0, 1, 2))
         o = sum(g[..., j, None] * outs[i].to(g.dtype) for j, i in enumerate(on))
         return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))
