@@ -18,6 +18,8 @@ import hashlib
 import json
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,14 +166,40 @@ def _write_split(tokenized, idx: np.ndarray, out: Path, split: str, vocab_size: 
     return {"documents": int(len(idx)), "tokens": int(n_tok), "shards": shards}
 
 
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (a file ``.<name>.lock`` beside it) for as long as the block
+    runs. Runs started together, e.g. the NSA and full-attention jobs of one comparison, then
+    prepare a directory once: the second waits and finds it up to date instead of deleting the
+    shards the first is writing. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(data_cfg, tok_cfg, out_dir: str | Path | None = None, *, force: bool = False, log=print) -> Path:
-    """Tokenise ``data_cfg``'s source with ``tok_cfg``'s tokenizer into shards; returns the output dir."""
+    """Tokenise ``data_cfg``'s source with ``tok_cfg``'s tokenizer into shards; returns the output dir.
+    Holds :func:`exclusive` on the output dir while it checks and writes."""
     dcfg = data_cfg if isinstance(data_cfg, DataConfig) else data_config_from_dict(data_cfg)
     tcfg = tok_cfg if isinstance(tok_cfg, TokenizerConfig) else tokenizer_config_from_dict(tok_cfg)
     if dcfg.shard_max_tokens <= 0:
         raise ValueError(f"shard_max_tokens must be > 0, got {dcfg.shard_max_tokens}")
-    tok = get_tokenizer(tcfg, dcfg, log=log)
     out = Path(out_dir) if out_dir else default_out_dir(dcfg, tcfg)
+    with exclusive(out):
+        return _prepare(dcfg, tcfg, out, force, log)
+
+
+def _prepare(dcfg: DataConfig, tcfg: TokenizerConfig, out: Path, force: bool, log) -> Path:
+    tok = get_tokenizer(tcfg, dcfg, log=log)
     chash = config_hash(dcfg, tok)
     if not force and is_prepared(out, chash, tok.vocab_size):
         log(f"{out} is up to date (config hash {chash[:12]}), nothing to do")

@@ -240,3 +240,25 @@ def test_every_shipped_config_parses():
         assert tokenizer_config_from_dict(compose([f"tokenizer={p.stem}"], "test", "").tokenizer).name == p.stem
     mix = data_config_from_dict(compose(["data=pystdlib_longctx"], "test", "").data).source
     assert [c.source.kind for c in mix.components] == ["pystdlib", "synthetic", "synthetic"]
+
+
+def _prepare_in_process(args):
+    data, tok, out = args
+    logs = []
+    prepare(data, tok, out, log=logs.append)
+    return logs[-1]
+
+
+def test_runs_started_together_prepare_once(tmp_path, jsonl, tokenizer):
+    """Two processes preparing one directory at the same time (the NSA and full-attention jobs of a
+    comparison): one writes it, the other waits for it and finds it up to date (without the lock the
+    second deleted the first one's shards mid-write: FileNotFoundError on its rename)."""
+    import multiprocessing as mp
+
+    out = tmp_path / "shared"
+    args = (data_cfg(jsonl, num_proc=1), tok_cfg(tokenizer), out)
+    with mp.get_context("spawn").Pool(2) as pool:
+        logs = pool.map(_prepare_in_process, [args, args])
+    assert sum("up to date" in line for line in logs) == 1, logs
+    tok = Tokenizer.load(out / "tokenizer.model")
+    assert sorted(decoded(out, "train", tok) + decoded(out, "validation", tok)) == sorted(TEXTS)
