@@ -14,7 +14,8 @@ labels=None, cache=None) -> ModelOutput(logits [B,T,V] , loss, aux_loss, stats)`
 * ``stats``: python floats: ``lm_loss``, ``moe/aux_loss``, ``moe/load_cv`` (mean over
   MoE layers), ``moe/max_over_mean`` (max over layers), ``moe/dropped_frac``,
   ``moe/loads`` (per-layer lists of token counts, before dropping) and
-  ``nsa/gate_{cmp,slc,win}`` (mean over layers).
+  ``nsa/gate_{cmp,slc,win}`` (mean over layers; not for a step with a decoding cache: nothing
+  reads them there, and their reductions would add a few small ops per layer to every token).
 * Init: every weight ~ normal(0, init_std), the token embedding ~ normal(0, embed_init_std
   or init_std); projections that write into the residual
   stream (attention output, MLP down, expert down) use ``init_std / sqrt(2 * num_layers)``
@@ -221,7 +222,8 @@ class Transformer(nn.Module):
             loss = lm_loss + aux_loss
             stats["lm_loss"] = float(lm_loss.detach())
         stats.update(self._moe_stats(moe_stats, aux_loss))
-        stats.update(self._nsa_stats())
+        if cache is None:
+            stats.update(self._nsa_stats())
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, stats=stats)
 
     @staticmethod

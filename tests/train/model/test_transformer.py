@@ -32,9 +32,14 @@ def test_loss_ignores_minus_100_and_adds_aux():
 
 
 def test_nsa_gate_stats():
-    out = build_model(model_cfg(), attn_cfg("nsa"))(torch.randint(0, 97, (1, 20)))
+    model = build_model(model_cfg(), attn_cfg("nsa"))
+    out = model(torch.randint(0, 97, (1, 20)))
     assert set(out.stats) == {"nsa/gate_cmp", "nsa/gate_slc", "nsa/gate_win"}
     assert 0 < out.stats["nsa/gate_cmp"] < 1
+    cache = model.new_cache(1, 8)  # decoding steps (prefill included) skip the gate summary
+    with torch.no_grad():
+        assert model(torch.randint(0, 97, (1, 4)), cache=cache).stats == {}
+        assert model(torch.randint(0, 97, (1, 1)), cache=cache).stats == {}
 
 
 def test_positions_restart_per_document():
