@@ -176,7 +176,7 @@ class NSAAttention(nn.Module):
         self.compress_k = BlockCompressor(cfg.block_len, Dk, cfg.compress_hidden, cfg.compress, out_bias=False)
         self.compress_v = BlockCompressor(cfg.block_len, Dv, cfg.compress_hidden, cfg.compress)
         self.scale = Dk ** -0.5
-        self._gates: torch.Tensor | None = None  # [B, T, H, branches kept], last forward's gates (detached)
+        self._gates: torch.Tensor | None = None  # [B|1, T|1, H, 3], last forward's gates (detached)
         # diagnostics (eval.retrieval): with keep_selection, a forward over a whole sequence (no
         # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none)
         self.keep_selection = False
@@ -210,7 +210,8 @@ class NSAAttention(nn.Module):
     @property
     def last_gate_means(self) -> dict[str, torch.Tensor]:
         """Mean gate of each kept branch in the last forward (``{"g_cmp": 0-d tensor, ...}``), for
-        logging. The forward keeps its detached gates; they are reduced only when read."""
+        logging. A forward keeps its gates averaged over rows and positions, a one-token decode step
+        its gates as they are; the mean over heads is taken only when read."""
         if self._gates is None:
             return {}
         kept = [b for b in BRANCHES if b in self.cfg.branches]
@@ -406,7 +407,7 @@ class NSAAttention(nn.Module):
             if cache is not None:
                 cache.append(kv, self.compress, compressed=compressed)
         g = self.gates(x)
-        self._gates = g.detach()
+        self._gates = g.detach().float().mean((0, 1), keepdim=True)  # [1, 1, H, 3]: not B*T*H*3 per layer
         on = [i for i, name in enumerate(BRANCHES) if name in cfg.branches]
         if len(on) < 3:
             g = g[..., on]

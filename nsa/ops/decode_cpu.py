@@ -93,9 +93,7 @@ def _require():
 def usable(x: torch.Tensor, cache: NSACache) -> bool:
     """Whether a one-token step of ``x`` against ``cache`` runs on the kernel: CPU, float32, no autograd,
     not switched off, built."""
-    return (x.is_cpu and x.dtype is torch.float32 and cache._k_slc.dtype is torch.float32
-            and not torch.is_grad_enabled() and os.environ.get(ENV) != "0"
-            and (_module is not None or load() is not None))
+    return cache._k_slc.dtype is torch.float32 and not torch.is_grad_enabled() and applies(x.device, x.dtype)
 
 
 def applies(device: torch.device | str, dtype: torch.dtype) -> bool:
