@@ -2,9 +2,11 @@
 
 Tensors are ``[B, T, H, D]``; indices and semantics follow NSA_SPEC.md. Each function
 validates its inputs once (``ValueError`` naming the problem), then dispatches to a backend:
-``"torch"`` (``nsa.ops.<op>.reference``, chunked PyTorch) or ``"triton"``
-(``nsa.ops.<op>.triton``, imported only when used). ``backend=None`` picks triton for CUDA
-tensors and torch otherwise. Backends receive the same keyword arguments, with ``scale``
+``"torch"`` (``nsa.ops.<op>.reference``, chunked PyTorch, the readable oracle), ``"cpu"``
+(``nsa.ops.<op>.cpu``: fused C++ ops for float32 on CPU, built at first use, forward and backward)
+or ``"triton"`` (``nsa.ops.<op>.triton``, imported only when used). ``backend=None`` picks triton
+for CUDA tensors, cpu for CPU float32 tensors (when the ops could be built; ``NSA_CPU_KERNEL=0``
+turns that off) and torch otherwise. Backends receive the same keyword arguments, with ``scale``
 already resolved to a float.
 
     o, lse = compressed_attention(q, k_cmp, v_cmp, block_len=, stride=)
@@ -15,6 +17,8 @@ already resolved to a float.
 
     o, lse, idx = compressed_attention_and_select(q, k_cmp, v_cmp, block_len=, stride=, select_len=,
                                                   num_select=)   # the first two in one pass
+    o, idx = native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_len=,
+                                     stride=, select_len=, num_select=, window=)  # all three, gated
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "sliding_window_attention",
     "compressed_cu_seqlens",
     "compressed_attention_and_select",
+    "native_sparse_attention",
 ]
 
 
@@ -220,3 +225,63 @@ def compressed_attention_and_select(
         scale=_c.resolve_scale(scale, q.shape[-1]),
         cu_seqlens=cu_seqlens,
     )
+
+
+def native_sparse_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor | None,
+    v_cmp: torch.Tensor | None,
+    k_slc: torch.Tensor | None,
+    v_slc: torch.Tensor | None,
+    k_win: torch.Tensor | None,
+    v_win: torch.Tensor | None,
+    gates: torch.Tensor | None = None,
+    *,
+    block_len: int,
+    stride: int,
+    select_len: int,
+    num_select: int,
+    window: int,
+    num_init: int = 1,
+    num_local: int = 2,
+    branches: tuple[str, ...] = ("cmp", "slc", "win"),
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NSA's attention output: ``o = sum_c g_c * o_c`` over the ``branches`` that are on (compressed
+    ``"cmp"``, selected ``"slc"``, sliding window ``"win"``), the selected branch attending to the
+    blocks the compressed branch's probabilities pick (:func:`compressed_attention_and_select`).
+
+    ``q [B,T,H,Dk]``; compressed ``k_cmp [B,Nc,Hkv,Dk]``, ``v_cmp``; raw ``k_slc, k_win [B,T,Hkv,Dk]``,
+    ``v_slc, v_win [B,T,Hkv,Dv]`` (the same tensors when the branches share K/V; None for a branch
+    that is off, the compressed pair also needed when only "slc" is on); ``gates [B,T,H,3]`` (cmp, slc,
+    win; None: all 1). Returns ``(o [B,T,H,Dv] in the gates' dtype, idx [B,T,Hkv,num_select] int32 or
+    None without "slc")``. The "torch" and "triton" backends compose the branch ops; "cpu" runs it as
+    one fused op that keeps no per-branch outputs.
+    """
+    if not branches or any(b not in ("cmp", "slc", "win") for b in branches):
+        raise ValueError(f"branches must be a non-empty subset of ('cmp', 'slc', 'win'), got {branches!r}")
+    if "cmp" in branches or "slc" in branches:
+        _check_selection_inputs(q, k_cmp, v_cmp, block_len, stride, select_len, num_select, num_init, num_local,
+                                scale, cu_seqlens)
+    for name, (k, v) in (("slc", (k_slc, v_slc)), ("win", (k_win, v_win))):
+        if name in branches:
+            if k is None or v is None:
+                raise ValueError(f"branch {name!r} is on but its k or v is None")
+            _c.check_qkv(q, k, v, f"k_{name}", f"v_{name}")
+            _c.check_same_length(q, k, f"k_{name}")
+    if "slc" in branches or "win" in branches:
+        vs = [v for b, v in (("cmp", v_cmp), ("slc", v_slc), ("win", v_win)) if b in branches and v is not None]
+        if len({v.shape[-1] for v in vs}) > 1:
+            raise ValueError("the branches' value head dims differ")
+    if "win" in branches:
+        _c.check_int_param("window", window)
+    _c.check_scale(scale)
+    _c.check_cu_seqlens(cu_seqlens, q)
+    if gates is not None and (gates.dim() != 4 or tuple(gates.shape) != (*q.shape[:3], 3)):
+        raise ValueError(f"gates must be [B, T, H, 3] = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
+    fn = _c.backend_fn("native_sparse_attention", _c.resolve_backend(backend, q))
+    return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_len=block_len, stride=stride,
+              select_len=select_len, num_select=num_select, num_init=num_init, num_local=num_local, window=window,
+              branches=tuple(branches), scale=_c.resolve_scale(scale, q.shape[-1]), cu_seqlens=cu_seqlens)

@@ -27,7 +27,7 @@ from nsa.ops.common import check_block_params, check_selection_params, resolve_b
 from nsa.rope import apply_rotary
 
 BRANCHES = ("cmp", "slc", "win")  # compressed, selected, sliding window: the gate order
-# torch backend, packed documents: attend over them as one padded batch [docs, longest, ...] when
+# torch and cpu backends, packed documents: attend over them as one padded batch [docs, longest, ...] when
 # that holds at most this many times the row's tokens; else one document at a time
 PAD_DOCUMENTS_MAX_FILL = 2.0
 
@@ -51,7 +51,7 @@ class NSAConfig:
     share_kv: bool = False  # one K/V projection for all three branches instead of one each
     compress: str = "mlp"  # "mlp": pe + MLP over the flattened block; "mean": mean pooling
     compress_hidden: int | None = None  # phi hidden width; None -> the phi's output dim (Dk or Dv)
-    backend: str | None = None  # "torch" | "triton" | None (the API default for the device)
+    backend: str | None = None  # "torch" | "cpu" | "triton" | None (the API default for the device and dtype)
     # The branches whose gated outputs are summed: an ablation drops some, e.g. ("win",) keeps only
     # the sliding window (nothing outside it can be attended to); the others are not computed.
     branches: tuple[str, ...] = BRANCHES
@@ -83,8 +83,8 @@ class NSAConfig:
         h = self.compress_hidden
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise ValueError(f"compress_hidden must be a positive int or None, got {h!r}")
-        if self.backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be 'torch', 'triton' or None, got {self.backend!r}")
+        if self.backend not in (None, "torch", "cpu", "triton"):
+            raise ValueError(f"backend must be 'torch', 'cpu', 'triton' or None, got {self.backend!r}")
         branches = tuple(self.branches)
         if not branches or len(set(branches)) != len(branches) or not set(branches) <= set(BRANCHES):
             raise ValueError(f"branches must be a non-empty subset of {list(BRANCHES)} without repeats, "
@@ -267,33 +267,26 @@ class NSAAttention(nn.Module):
         vb = v[0, tok].transpose(1, 2).unsqueeze(0)
         return self.compress(kb, vb)
 
-    def _attend(self, q, kv, cu_seqlens):
-        """The three branch outputs ``[B,T,H,Dv]`` over the full sequence, via the functional API
-        (``None`` for a branch that ``cfg.branches`` leaves out)."""
+    def _attend(self, q, kv, g, cu_seqlens):
+        """The gated sum of the branch outputs ``o [B,T,H,Dv]`` over the full sequence, via
+        :func:`nsa.native_sparse_attention` (gates ``g [B,T,H,3]``), and the compressed K/V."""
         cfg = self.cfg
-        if cu_seqlens is not None and resolve_backend(cfg.backend, q) == "torch":
+        if cu_seqlens is not None and resolve_backend(cfg.backend, q) != "triton":
             docs = _padded_documents(cu_seqlens, q.shape[1])
             if docs is not None:
-                return self._attend_padded(q, kv, *docs), None
-        be = cfg.backend
-        blk = dict(block_len=cfg.block_len, stride=cfg.stride)
-        o_cmp = o_slc = o_win = compressed = None
+                return self._attend_padded(q, kv, g, *docs), None
+        compressed = (None, None)
         if "cmp" in cfg.branches or "slc" in cfg.branches:  # selection scores come from the compressed branch
-            compressed = k_cmp, v_cmp = self._compressed_kv(*kv["cmp"], cu_seqlens)
-            o_cmp, _, idx = nsa.compressed_attention_and_select(
-                q, k_cmp, v_cmp, **blk, select_len=cfg.select_len, num_select=cfg.num_select,
-                num_init=cfg.num_init, num_local=cfg.num_local, cu_seqlens=cu_seqlens, backend=be)
-            if self.keep_selection and cu_seqlens is None:
-                self.last_selection = idx.detach()
-        if "slc" in cfg.branches:
-            o_slc = nsa.selected_attention(q, *kv["slc"], idx, select_len=cfg.select_len, cu_seqlens=cu_seqlens,
-                                           backend=be)
-        if "win" in cfg.branches:
-            o_win = nsa.sliding_window_attention(q, *kv["win"], window=cfg.window, cu_seqlens=cu_seqlens,
-                                                 backend=be)
-        return (o_cmp, o_slc, o_win), compressed  # compressed: None lets a cache prefill build its own
+            compressed = self._compressed_kv(*kv["cmp"], cu_seqlens)
+        o, idx = nsa.native_sparse_attention(
+            q, *compressed, *kv["slc"], *kv["win"], g, block_len=cfg.block_len, stride=cfg.stride,
+            select_len=cfg.select_len, num_select=cfg.num_select, num_init=cfg.num_init, num_local=cfg.num_local,
+            window=cfg.window, branches=cfg.branches, cu_seqlens=cu_seqlens, backend=cfg.backend)
+        if self.keep_selection and cu_seqlens is None and idx is not None:
+            self.last_selection = idx.detach()
+        return o, (compressed if compressed[0] is not None else None)  # None lets a cache prefill build its own
 
-    def _attend_padded(self, q, kv, index, valid):
+    def _attend_padded(self, q, kv, g, index, valid):
         """Packed documents (``[1, T, ...]``) as one batch: document ``i`` is row ``i`` of
         ``[N, L, ...]`` (``index``/``valid [N, L]`` from :func:`_padded_documents`), then the outputs
         are packed back. Same result as one document at a time: every op is causal and the
@@ -308,8 +301,8 @@ class NSAAttention(nn.Module):
             return (x[0].index_select(0, flat) * keep[:, None, None].to(x.dtype)).view(N, L, *x.shape[2:])
 
         kv_p = {b: (pad(k), pad(v)) for b, (k, v) in kv.items()}
-        outs, _ = self._attend(pad(q), kv_p, None)
-        return tuple(None if o is None else o.reshape(N * L, *o.shape[2:])[keep].unsqueeze(0) for o in outs)
+        o, _ = self._attend(pad(q), kv_p, pad(g), None)
+        return o.reshape(N * L, *o.shape[2:])[keep].unsqueeze(0)
 
     def _decode(self, q, kv, cache: NSACache):
         """Branch outputs ``[B,m,H,Dv]`` for ``m`` new tokens computed from the cache alone (``None`` for
@@ -400,16 +393,13 @@ class NSAAttention(nn.Module):
             return self._decode_step_cpu(x, cos, sin, cache)
         q = apply_rotary(self.q_proj(x).view(B, T, H, cfg.head_dim_k), cos, sin)
         kv = self._branch_kv(x, cos, sin)
-        if cache is not None and cache.length > 0:
-            outs = self._decode(q, kv, cache)
-        else:
-            outs, compressed = self._attend(q, kv, cu_seqlens)
-            if cache is not None:
-                cache.append(kv, self.compress, compressed=compressed)
         g = self.gates(x)
         self._gates = g.detach().float().mean((0, 1), keepdim=True)  # [1, 1, H, 3]: not B*T*H*3 per layer
-        on = [i for i, name in enumerate(BRANCHES) if name in cfg.branches]
-        if len(on) < 3:
-            g = g[..., on]
-        o = sum(g[..., j, None] * outs[i].to(g.dtype) for j, i in enumerate(on))
+        if cache is not None and cache.length > 0:
+            outs = self._decode(q, kv, cache)
+            o = sum(g[..., i, None] * outs[i].to(g.dtype) for i, name in enumerate(BRANCHES) if name in cfg.branches)
+        else:
+            o, compressed = self._attend(q, kv, g, cu_seqlens)
+            if cache is not None:
+                cache.append(kv, self.compress, compressed=compressed)
         return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))

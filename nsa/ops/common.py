@@ -2,7 +2,8 @@
 
 The public API in ``nsa/__init__.py`` validates its inputs once with the
 ``check_*`` functions here and then dispatches to a backend module
-``nsa.ops.<op>.reference`` ("torch") or ``nsa.ops.<op>.triton`` ("triton").
+``nsa.ops.<op>.reference`` ("torch"), ``nsa.ops.<op>.cpu`` ("cpu": the fused CPU ops for
+float32, :mod:`nsa.ops.attention_cpu`) or ``nsa.ops.<op>.triton`` ("triton").
 Every check raises ``ValueError`` naming the offending argument.
 """
 
@@ -12,25 +13,31 @@ import importlib
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_BACKEND_MODULE = {"torch": "reference", "triton": "triton"}
+_BACKEND_MODULE = {"torch": "reference", "cpu": "cpu", "triton": "triton"}
 
 
 # ----------------------------------------------------------------------------- backends
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """``None`` -> "triton" for CUDA tensors, "torch" otherwise; unknown names -> ValueError."""
+    """``None`` -> "triton" for CUDA tensors, "cpu" (the fused CPU ops) for CPU float32 tensors when
+    they are built and not switched off (``NSA_CPU_KERNEL=0``), "torch" otherwise; unknown names ->
+    ValueError."""
     if backend is None:
-        return "triton" if x.is_cuda else "torch"
+        if x.is_cuda:
+            return "triton"
+        from nsa.ops import attention_cpu
+
+        return "cpu" if attention_cpu.default_for(x) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
 
 
 def backend_fn(op: str, backend: str, name: str | None = None):
-    """The function ``nsa.ops.<op>.<reference|triton>.<name or op>``, imported lazily."""
+    """The function ``nsa.ops.<op>.<reference|cpu|triton>.<name or op>``, imported lazily."""
     module = importlib.import_module(f"nsa.ops.{op}.{_BACKEND_MODULE[backend]}")
     return getattr(module, name or op)
 

@@ -1,4 +1,5 @@
-"""Fused one-token NSA decode step for CPU float32: a C++ op (``decode_cpu.cpp``) built at first use.
+"""Fused one-token NSA decode step for CPU float32: a C++ op (``decode_cpu.cpp``) built at first use
+(with the other CPU ops, :mod:`nsa.ops.cpu_build`).
 
 A one-token step at batch 1 is a few hundred small torch ops, each costing more in dispatch than
 its arithmetic; this op does the attention core of :func:`nsa.cache.decode_token` (compressed
@@ -13,81 +14,23 @@ rounding and select the same blocks (tests/nsa/test_decode_cpu.py).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
-import shutil
-import time
-import warnings
-from pathlib import Path
 
 import torch
 
 from nsa.cache import BRANCHES, NSACache
+from nsa.ops import cpu_build
 
 ENV = "NSA_DECODE_KERNEL"  # "0": never use the kernel
-SOURCE = Path(__file__).with_name("decode_cpu.cpp")
-_module = None
-_tried = False
-
-
-def _cpu_flags() -> tuple[list[str], str]:
-    """Compiler flags for this CPU and a name for the build that differs between CPU kinds, so a
-    ``-march=native`` build kept in a shared cache folder never runs on a CPU that lacks its instructions."""
-    machine = platform.machine().lower()
-    if platform.system() != "Linux" or machine not in ("x86_64", "amd64", "aarch64", "arm64"):
-        return [], machine
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return [], machine
-    fields = ("model name", "flags", "Features", "CPU part")
-    keep = sorted({ln for ln in info.splitlines() if ln.split(":")[0].strip() in fields})
-    return ["-march=native"], machine + "_" + hashlib.sha1("\n".join(keep).encode()).hexdigest()[:10]
-
-
-def _build():
-    from torch.utils import cpp_extension
-
-    env_path = os.environ.get("PATH", "")
-    if shutil.which("ninja") is None:  # the ninja pip package, when its bin/ is not on PATH
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + env_path
-        except ImportError:
-            pass
-    try:
-        arch, cpu = _cpu_flags()
-        name = f"nsa_decode_cpu_{cpu}"
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a killed build: torch
-            lock.unlink(missing_ok=True)  # would wait on it forever
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *arch, "-fopenmp", "-Wno-psabi"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
-    finally:
-        os.environ["PATH"] = env_path
 
 
 def load():
-    """The compiled module, or None (after one warning) when it cannot be built."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
-        try:
-            _module = _build()
-        except Exception as e:  # no compiler, no ninja, a build error: fall back to the torch path
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"nsa: fused CPU decode kernel unavailable, using the torch path "
-                          f"({type(e).__name__}: {msg[:200]})", RuntimeWarning, stacklevel=2)
-    return _module
+    """The compiled module of the fused CPU ops (:mod:`nsa.ops.cpu_build`), or None."""
+    return cpu_build.load()
 
 
 def _require():
-    mod = load()
-    if mod is None:
-        raise RuntimeError("nsa: the fused CPU decode kernel is not available")
-    return mod
+    return cpu_build.require()
 
 
 def usable(x: torch.Tensor, cache: NSACache) -> bool:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nsa.cache import decode_compressed, decode_select, decode_token
-from nsa.ops import decode_cpu
+from nsa.ops import cpu_build, decode_cpu
 from nsa.rope import apply_rotary
 
 try:
@@ -131,9 +131,9 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     def broken():
         raise RuntimeError("no compiler\nmore lines")
 
-    monkeypatch.setattr(decode_cpu, "_build", broken)
-    monkeypatch.setattr(decode_cpu, "_module", None)
-    monkeypatch.setattr(decode_cpu, "_tried", False)
+    monkeypatch.setattr(cpu_build, "_build", broken)
+    monkeypatch.setattr(cpu_build, "_module", None)
+    monkeypatch.setattr(cpu_build, "_tried", False)
     layer = make_layer(14)
     B, T = 1, 24
     x = torch.randn(B, T, SMALL["hidden_size"])
@@ -144,6 +144,6 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         ys = [layer(x[:, :1], cos[:, :1], sin[:, :1], cache=cache)]
         ys += [layer(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], cache=cache) for t in range(1, T)]
         y = layer(x, cos, sin)
-    msgs = [str(w.message) for w in caught if "decode kernel" in str(w.message)]
+    msgs = [str(w.message) for w in caught if "fused CPU kernels" in str(w.message)]
     assert len(msgs) == 1 and "no compiler" in msgs[0] and "more lines" not in msgs[0]
     assert relerr(torch.cat(ys, 1), y) < TOL

@@ -121,14 +121,16 @@ def test_branch_ablation_sums_only_the_kept_branches(branches):
     x = torch.randn(B, T, 32)
     cos, sin = tables(B, T, 16)
     q = apply_rotary(full.q_proj(x).view(B, T, 4, 16), cos, sin)
-    outs, _ = full._attend(q, full._branch_kv(x, cos, sin), None)
+    kv = full._branch_kv(x, cos, sin)
+    onehot = torch.eye(3).expand(B, T, 4, 3, 3)  # branch i alone: gates e_i
+    outs = [full._attend(q, kv, onehot[..., i, :], None)[0] for i in range(3)]
     g = torch.sigmoid(full.gate_proj.bias + full.gate_weight_scale * x @ full.gate_proj.weight.t()).view(B, T, 4, 3)
     keep = [i for i, name in enumerate(("cmp", "slc", "win")) if name in branches]
     want = full.o_proj(sum(g[..., i, None] * outs[i] for i in keep).reshape(B, T, -1))
     assert relerr(part(x, cos, sin), want) < TOL
     assert set(part.last_gate_means) == {f"g_{b}" for b in branches}
     if branches == ("win",):
-        assert all(o is None for o in part._attend(q, part._branch_kv(x, cos, sin), None)[0][:2])
+        assert part._attend(q, part._branch_kv(x, cos, sin), g, None)[1] is None  # no compressed K/V built
         changed = x.clone()
         changed[:, :T - SMALL["window"] - 1] += 1.0  # tokens no query at T-1 can see in its window
         assert relerr(part(changed, cos, sin)[:, -1], part(x, cos, sin)[:, -1]) < 1e-6

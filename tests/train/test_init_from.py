@@ -3,8 +3,6 @@ a context extension) and not from a random init; a resumed run keeps its own che
 
 from __future__ import annotations
 
-import torch
-
 from tests.train.helpers import base_overrides, losses, train, weights
 
 

@@ -145,7 +145,8 @@ class ModelConfig:
 class AttentionConfig:
     """``kind`` "full" (GQA softmax attention) or "nsa"; the NSA settings use the
     paper's names (l=block_len, d=stride, l'=select_len, n=num_select, w=window)
-    and are ignored for "full". ``backend`` None lets ``nsa`` pick (triton on GPU)."""
+    and are ignored for "full". ``backend`` None lets ``nsa`` pick (triton on GPU, the fused
+    CPU ops for float32 on CPU, else torch)."""
 
     kind: str = "full"
     block_len: int = 32

@@ -1,0 +1,160 @@
+"""One NSA branch over whole sequences on the fused CPU op (``attention_cpu.cpp``): the autograd
+function behind the ``"cpu"`` backend (``nsa/ops/<op>/cpu.py``).
+
+Per query and KV head the op attends the G query heads of the group to a few contiguous key
+spans (the window; the selected blocks, cut at the query; the visible compressed blocks) and,
+for the compressed branch, also picks the selected blocks from its probabilities. The backward
+recomputes each query's probabilities from ``lse`` and needs neither ``o`` nor any per-branch
+copy of it (``delta = rowsum(P * dP)``), so only the inputs and ``lse`` are kept. The torch
+references in ``nsa/ops/<op>/reference.py`` are the oracle (tests/nsa/test_attention_cpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nsa.ops import cpu_build
+
+ENV = "NSA_CPU_KERNEL"  # "0": the "cpu" backend is never picked by default (backend=None)
+WINDOW, SELECTED, COMPRESSED = 0, 1, 2
+TILE = 64  # keys per tile of the transposed K / V (TW in attention_cpu.cpp)
+_NO_INDEX = torch.empty(0, dtype=torch.int32)
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the fused op takes ``x``'s op: a CPU float32 tensor, the kernels built."""
+    return x.device.type == "cpu" and x.dtype is torch.float32 and cpu_build.load() is not None
+
+
+def default_for(x: torch.Tensor) -> bool:
+    """Whether ``backend=None`` picks the ``"cpu"`` backend for ``x``: :func:`applies`, not switched off."""
+    return x.device.type == "cpu" and x.dtype is torch.float32 and os.environ.get(ENV) != "0" and applies(x)
+
+
+def _tiled_t(x: torch.Tensor) -> torch.Tensor:
+    """``[B,S,Hkv,D]`` -> ``[B,Hkv,NT,D,TILE]``: each tile of ``TILE`` keys transposed, so a span's
+    scores read contiguous ``[D, TILE]`` blocks; zero-padded with one spare tile (``NT = S//TILE + 1``
+    or more), so the op may read a whole vector past a span's end."""
+    B, S, Hkv, D = x.shape
+    nt = S // TILE + 2 if S % TILE else S // TILE + 1
+    x = F.pad(x, (0, 0, 0, 0, 0, nt * TILE - S))
+    return x.view(B, nt, TILE, Hkv, D).permute(0, 3, 1, 4, 2).contiguous()
+
+
+def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool):
+    """Head-major ``kh [B,Hkv,S,Dk]``, ``vh``; tiled transposed ``kT`` (and ``vT``), see :func:`_tiled_t`."""
+    kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    return kh, _tiled_t(k), vh, (_tiled_t(v) if with_vt else None)
+
+
+class BranchAttention(torch.autograd.Function):
+    """``(o [B,T,H,Dv], lse [B,T,H], selected [B,T,Hkv,n] int32 or empty)`` of one branch;
+    gradients for ``q``, ``k``, ``v`` (``lse``'s gradient included)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, mode, params, select):
+        q = q.contiguous()
+        kh, kt, vh, _ = _layouts(k, v, False)
+        ix = _NO_INDEX if idx is None else idx
+        o, lse, sel = cpu_build.require().attention_forward(q, kh, kt, vh, ix, mode, *params, *select)
+        ctx.save_for_backward(q, k, v, idx, lse)
+        ctx.mode, ctx.params = mode, params
+        ctx.mark_non_differentiable(sel)
+        ctx.set_materialize_grads(False)
+        return o, lse, sel
+
+    @staticmethod
+    def backward(ctx, do, dlse, _):
+        q, k, v, idx, lse = ctx.saved_tensors
+        if do is None and dlse is None:
+            return None, None, None, None, None, None, None
+        B, T, H, _ = q.shape
+        do = q.new_zeros(B, T, H, v.shape[-1]) if do is None else do.contiguous()
+        dlse = _NO_INDEX.float() if dlse is None else dlse.contiguous()
+        kh, kt, vh, vt = _layouts(k, v, True)
+        ix = _NO_INDEX if idx is None else idx
+        dq, dkh, dvh = cpu_build.require().attention_backward(q, kh, kt, vh, vt, ix, do, lse, dlse, ctx.mode,
+                                                               *ctx.params)
+        return dq, dkh.transpose(1, 2), dvh.transpose(1, 2), None, None, None, None
+
+
+def window_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """One sequence batch (no ``cu_seqlens``): ``o [B,T,H,Dv]``."""
+    return BranchAttention.apply(q, k, v, None, WINDOW, (window, 0, 0, 0, scale), (0, 0, 0))[0]
+
+
+def selected_attention(q, k, v, block_indices, select_len: int, scale: float) -> torch.Tensor:
+    idx = block_indices.to(torch.int32).contiguous()
+    return BranchAttention.apply(q, k, v, idx, SELECTED, (0, select_len, 0, 0, scale), (0, 0, 0))[0]
+
+
+def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale: float, select=None):
+    """``(o, lse)``; with ``select = (select_len, num_select, num_init, num_local)`` also the
+    selected blocks: ``(o, lse, idx [B,T,Hkv,n] int32)``."""
+    select_len, n, n_init, n_local = select if select is not None else (0, 0, 0, 0)
+    o, lse, idx = BranchAttention.apply(q, k_cmp, v_cmp, None, COMPRESSED, (0, select_len, block_len, stride, scale),
+                                        (n, n_init, n_local))
+    return (o, lse, idx) if select is not None else (o, lse)
+
+
+def _branch_layouts(pairs, run, with_vt: bool):
+    """Per branch (compressed, selected, window): ``(kh, kT, vh, vT)`` of its ``(k, v)`` when it runs,
+    empty tensors otherwise; a K/V pair shared between branches is laid out once."""
+    empty = torch.empty(0)
+    done, out = {}, []
+    for (k, v), r in zip(pairs, run, strict=True):
+        if not r:
+            out.append((empty, empty, empty, empty))
+            continue
+        key = (id(k), id(v))
+        if key not in done:
+            kh, kt, vh, vt = _layouts(k, v, with_vt)
+            done[key] = (kh, kt, vh, vt if vt is not None else empty)
+        out.append(done[key])
+    return [list(x) for x in zip(*out, strict=True)]
+
+
+class NativeSparseAttention(torch.autograd.Function):
+    """``(o [B,T,H,Dv], selected blocks [B,T,Hkv,n] int32)``: the three branches gated and summed in one
+    pass per query. Saves the inputs, the per-branch ``lse [B,T,H,3]`` and the selection; gradients for
+    q, every branch's K/V and the gates."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, params, select):
+        q = q.contiguous()
+        pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
+        kh, kt, vh, _ = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), False)  # compressed selects
+        g = torch.empty(0) if gates is None else gates.contiguous()
+        o, lse, sel = cpu_build.require().nsa_forward(q, kh, kt, vh, list(on), g, *params, *select)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None, lse, sel)
+        ctx.on, ctx.params = on, params
+        ctx.mark_non_differentiable(sel)
+        ctx.set_materialize_grads(False)
+        return o, sel
+
+    @staticmethod
+    def backward(ctx, do, _):
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, sel = ctx.saved_tensors
+        if do is None:
+            return (None,) * 11
+        on = ctx.on
+        pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
+        kh, kt, vh, vt = _branch_layouts(pairs, on, True)
+        g = torch.empty(0) if gates is None else gates
+        dq, *dkv, dg = cpu_build.require().nsa_backward(q, kh, kt, vh, vt, sel, list(on), g, do.contiguous(), lse,
+                                                         *ctx.params)
+        grads = [None if not on[c // 2] else dkv[c].transpose(1, 2) for c in range(6)]
+        return (dq, *grads, dg if gates is not None else None, None, None, None)
+
+
+def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, block_len: int, stride: int,
+                            select_len: int, num_select: int, num_init: int, num_local: int, window: int,
+                            scale: float):
+    """One batch of sequences (no ``cu_seqlens``): ``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32)`` (``idx``
+    empty when the selected branch is off). ``on``: (compressed, selected, window) output flags."""
+    params = (window, select_len, block_len, stride, scale)
+    return NativeSparseAttention.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, tuple(on), params,
+                                       (num_select, num_init, num_local))

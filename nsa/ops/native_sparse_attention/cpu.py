@@ -1,0 +1,41 @@
+"""NSA's output in one fused CPU op (:class:`nsa.ops.attention_cpu.NativeSparseAttention`): per
+query and KV head the compressed branch (and the block selection from its probabilities), the
+selected and the window branch, gated and summed, with no per-branch output tensors in between
+(forward and backward). CPU float32 (gates too); other inputs go to the composition of the
+torch reference ops."""
+
+from __future__ import annotations
+
+import torch
+
+from nsa.ops import attention_cpu
+from nsa.ops.common import compressed_cu_seqlens, per_document
+from nsa.ops.native_sparse_attention.reference import BRANCHES, compose
+
+
+def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len,
+                            num_select, num_init, num_local, window, branches, scale, cu_seqlens):
+    kw = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select, num_init=num_init,
+              num_local=num_local, window=window, branches=branches, scale=scale)
+    if not attention_cpu.applies(q) or (gates is not None and gates.dtype is not torch.float32):
+        return compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens=cu_seqlens, backend="torch",
+                       **kw)
+    on = tuple(b in branches for b in BRANCHES)
+    args = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select, num_init=num_init,
+                num_local=num_local, window=window, scale=scale)
+    tensors = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
+    present = [i for i, x in enumerate(tensors) if x is not None]
+
+    def run(*xs):
+        full = [None] * len(tensors)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return attention_cpu.native_sparse_attention(*full, on, **args)
+
+    if cu_seqlens is None:
+        o, idx = run(*(tensors[i] for i in present))
+    else:
+        cmp = [j for j, i in enumerate(present) if i in (1, 2)]
+        o, idx = per_document(run, cu_seqlens, *(tensors[i] for i in present),
+                              cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride), cmp_index=tuple(cmp))
+    return o, (idx if on[1] else None)

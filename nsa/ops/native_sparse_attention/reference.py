@@ -1,0 +1,38 @@
+"""NSA's output composed from the branch ops (NSA_SPEC.md, "Output"): compressed attention (which
+also selects the blocks), selected attention over those blocks, sliding-window attention, then
+``o = sum_c g_c * o_c`` over the branches that are on. The "torch" and "triton" backends run this
+with their branch ops; the "cpu" backend fuses it (``nsa.ops.native_sparse_attention.cpu``)."""
+
+from __future__ import annotations
+
+from nsa.ops.common import backend_fn
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+def compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len, num_select,
+            num_init, num_local, window, branches, scale, cu_seqlens, backend):
+    """``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32 or None)`` from the branch ops of ``backend``."""
+    outs, idx = {}, None
+    if "cmp" in branches or "slc" in branches:  # selection scores come from the compressed branch
+        fn = backend_fn("select_blocks", backend, "compressed_attention_and_select")
+        outs["cmp"], _, idx = fn(q, k_cmp, v_cmp, block_len=block_len, stride=stride, select_len=select_len,
+                                 num_select=num_select, num_init=num_init, num_local=num_local, scale=scale,
+                                 cu_seqlens=cu_seqlens)
+    if "slc" in branches:
+        outs["slc"] = backend_fn("selected_attention", backend)(q, k_slc, v_slc, idx, select_len=select_len,
+                                                                scale=scale, cu_seqlens=cu_seqlens)
+    if "win" in branches:
+        outs["win"] = backend_fn("sliding_window_attention", backend)(q, k_win, v_win, window=window, scale=scale,
+                                                                      cu_seqlens=cu_seqlens)
+    on = [(i, b) for i, b in enumerate(BRANCHES) if b in branches]
+    if gates is None:
+        o = sum(outs[b] for _, b in on)
+    else:
+        o = sum(gates[..., i, None] * outs[b].to(gates.dtype) for i, b in on)
+    return o, (idx if "slc" in branches else None)
+
+
+def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw):
+    """:func:`compose` with the torch reference ops."""
+    return compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, backend="torch", **kw)
