@@ -81,16 +81,19 @@ class BranchAttention(torch.autograd.Function):
         return dq, dkh.transpose(1, 2), dvh.transpose(1, 2), None, None, None, None
 
 
+@torch.compiler.disable  # a C++ op dynamo cannot trace: run it eagerly, a graph break
 def window_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
     """One sequence batch (no ``cu_seqlens``): ``o [B,T,H,Dv]``."""
     return BranchAttention.apply(q, k, v, None, WINDOW, (window, 0, 0, 0, scale), (0, 0, 0))[0]
 
 
+@torch.compiler.disable  # a C++ op dynamo cannot trace: run it eagerly, a graph break
 def selected_attention(q, k, v, block_indices, select_len: int, scale: float) -> torch.Tensor:
     idx = block_indices.to(torch.int32).contiguous()
     return BranchAttention.apply(q, k, v, idx, SELECTED, (0, select_len, 0, 0, scale), (0, 0, 0))[0]
 
 
+@torch.compiler.disable  # a C++ op dynamo cannot trace: run it eagerly, a graph break
 def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale: float, select=None):
     """``(o, lse)``; with ``select = (select_len, num_select, num_init, num_local)`` also the
     selected blocks: ``(o, lse, idx [B,T,Hkv,n] int32)``."""
@@ -150,6 +153,7 @@ class NativeSparseAttention(torch.autograd.Function):
         return (dq, *grads, dg if gates is not None else None, None, None, None)
 
 
+@torch.compiler.disable  # a C++ op dynamo cannot trace: run it eagerly, a graph break
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, block_len: int, stride: int,
                             select_len: int, num_select: int, num_init: int, num_local: int, window: int,
                             scale: float):
