@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NSA vs full attention, the longer CPU experiment (about 70 minutes on 2 cores):
+# NSA vs full attention, the longer CPU experiment (about 40 minutes on 2 cores; 70 before the fused CPU op):
 #
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
 #   2 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each

@@ -1,30 +1,38 @@
 // NSA's three attention branches over whole sequences on the CPU, float32, forward and backward:
-// the fast path of nsa/ops/<op>/cpu.py (the torch references in nsa/ops/<op>/reference.py are the
-// oracle). Built at first use by nsa/ops/cpu_build.py.
+// the "cpu" backend (nsa/ops/<op>/cpu.py, nsa/ops/attention_cpu.py; the torch references in
+// nsa/ops/<op>/reference.py are the oracle). Built at first use by nsa/ops/cpu_build.py.
 //
 // Every branch is attention of query t over a few contiguous key spans:
 //   window      [max(0, t - w + 1), t]
 //   selected    the tokens s <= t of each selected block [j l', (j + 1) l')  (-1, repeated and
 //               non-causal indices ignored)
 //   compressed  compressed blocks [0, nvis(t)), nvis(t) = floor((t + 1 - l) / d) + 1 (0 if t + 1 < l)
-// so one kernel does all three. Work unit: one query t and one KV head h, its G query heads
-// together (the paper's group-centric order): the G x keys scores are built span by span into a
-// row buffer, softmaxed once, then multiplied by V span by span; no gathered copies of K/V and no
-// masks (the spans already stop at t). The compressed branch also picks the selected blocks from
-// its own probabilities (nsa/ops/select_blocks/reference.py: overlap weighting, forced blocks,
-// top-n, ties to the lower index), as compressed_attention_and_select does.
+// so one kernel does all three. Work unit: a group of queries of one KV head, their G query heads
+// together (the paper's group-centric order): the selected branch one query at a time over its
+// blocks; the window and compressed branches QG consecutive queries over the union of their
+// ranges, each row masking the few keys outside its own (see group_spans). Scores are built span
+// by span into a row buffer, softmaxed once, then multiplied by V span by span; no gathered copies
+// of K/V. The compressed branch also picks the selected blocks from its own probabilities
+// (nsa/ops/select_blocks/reference.py: overlap weighting, forced blocks, top-n, ties to the lower
+// index), as compressed_attention_and_select does.
+//
+// Entry points: forward / backward for one branch (nsa.compressed_attention, selected_attention,
+// sliding_window_attention, compressed_attention_and_select), and nsa_forward / nsa_backward for
+// the three at once, gated and summed (nsa.native_sparse_attention): per query block the compressed
+// branch selects, the selected branch reads that selection, and o = sum_c gate_c o_c is written
+// once, with no per-branch output tensor.
 //
 // Backward per query: scores and dP = dO V^T recomputed, P = exp(S - lse), delta = rowsum(P * dP)
-// (equal to rowsum(dO * O), so O is not needed), dS = P (dP - delta + dlse); dQ rows written once,
-// dK / dV rows accumulated. Threads take whole (batch, KV head) pairs when there are enough of
-// them (nothing shared); otherwise each part of a pair's queries accumulates into its own buffer,
-// summed at the end.
+// (equal to rowsum(dO * O), so O is not needed; it is also the gate's gradient), dS = gate P
+// (dP - delta + dlse); dQ rows written once, dK / dV rows accumulated. Threads take whole (batch,
+// KV head) pairs when there are enough of them (nothing shared); otherwise each part of a pair's
+// queries accumulates into its own buffer, summed at the end.
 //
 // Layouts (contiguous): q, dO [B, T, H, D] (the G heads of a group are adjacent rows); K, V
 // head-major kh [B, Hkv, S, Dk], vh [B, Hkv, S, Dv]; transposed in tiles of TW keys, kT
 // [B, Hkv, NT, Dk, TW], vT [B, Hkv, NT, Dv, TW] with NT >= S / TW + 1 (a span's scores read one
 // contiguous [D, TW] tile at a time, and whole vectors past a span's end stay inside the
-// tensor); lse [B, T, H].
+// tensor); lse [B, T, H] (one branch) or [B, T, H, 3] (fused).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
-"""One NSA branch over whole sequences on the fused CPU op (``attention_cpu.cpp``): the autograd
-function behind the ``"cpu"`` backend (``nsa/ops/<op>/cpu.py``).
+"""NSA's attention over whole sequences on the fused CPU op (``attention_cpu.cpp``): the autograd
+functions behind the ``"cpu"`` backend (``nsa/ops/<op>/cpu.py``). :class:`BranchAttention` is one
+branch; :class:`NativeSparseAttention` is all three and their gated sum in one pass.
 
 Per query and KV head the op attends the G query heads of the group to a few contiguous key
 spans (the window; the selected blocks, cut at the query; the visible compressed blocks) and,
@@ -31,7 +32,7 @@ def applies(x: torch.Tensor) -> bool:
 
 def default_for(x: torch.Tensor) -> bool:
     """Whether ``backend=None`` picks the ``"cpu"`` backend for ``x``: :func:`applies`, not switched off."""
-    return x.device.type == "cpu" and x.dtype is torch.float32 and os.environ.get(ENV) != "0" and applies(x)
+    return os.environ.get(ENV) != "0" and applies(x)
 
 
 def _tiled_t(x: torch.Tensor) -> torch.Tensor:
