@@ -171,10 +171,21 @@ int64_t spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* st, int64
     bool skip = j < 0 || j > cur;
     for (int64_t f = 0; f < e && !skip; ++f) skip = ix[f] == j;
     if (skip) continue;
-    st[c] = j * a.ls, ln[c] = std::min(a.ls, t + 1 - st[c]);
-    ++c;
+    int64_t pos = c++;  // insert in ascending order of start
+    for (; pos > 0 && st[pos - 1] > j * a.ls; --pos) st[pos] = st[pos - 1], ln[pos] = ln[pos - 1];
+    st[pos] = j * a.ls, ln[pos] = std::min(a.ls, t + 1 - st[pos]);
   }
-  return c;
+  // adjacent blocks (the local ones always, the initial ones often) become one span: fewer,
+  // longer matmuls, which matters most for short blocks
+  int64_t m = 0;
+  for (int64_t e = 0; e < c; ++e) {
+    if (m > 0 && st[m - 1] + ln[m - 1] == st[e]) {
+      ln[m - 1] += ln[e];
+    } else {
+      st[m] = st[e], ln[m] = ln[e], ++m;
+    }
+  }
+  return m;
 }
 
 // the longest span list's total length: the width of a query's score row
