@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-BRANCHES = ("cmp", "slc", "win")
+from nsa.ops.common import BRANCHES
+
 TAIL_ROOM = 64  # new tokens the compressed branch's tail buffer takes before it is compacted
 
 

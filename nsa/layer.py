@@ -23,10 +23,10 @@ from nsa.cache import (
     decode_window,
 )
 from nsa.ops import decode_cpu
-from nsa.ops.common import check_block_params, check_selection_params, resolve_backend
+from nsa.ops.common import BRANCHES, check_block_params, check_selection_params, resolve_backend
+from nsa.ops.native_sparse_attention.reference import gated_sum
 from nsa.rope import apply_rotary
 
-BRANCHES = ("cmp", "slc", "win")  # compressed, selected, sliding window: the gate order
 # torch and cpu backends, packed documents: attend over them as one padded batch [docs, longest, ...] when
 # that holds at most this many times the row's tokens; else one document at a time
 PAD_DOCUMENTS_MAX_FILL = 2.0
@@ -397,7 +397,7 @@ class NSAAttention(nn.Module):
         self._gates = g.detach().float().mean((0, 1), keepdim=True)  # [1, 1, H, 3]: not B*T*H*3 per layer
         if cache is not None and cache.length > 0:
             outs = self._decode(q, kv, cache)
-            o = sum(g[..., i, None] * outs[i].to(g.dtype) for i, name in enumerate(BRANCHES) if name in cfg.branches)
+            o = gated_sum(outs, g, cfg.branches)
         else:
             o, compressed = self._attend(q, kv, g, cu_seqlens)
             if cache is not None:

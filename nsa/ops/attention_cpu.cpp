@@ -153,16 +153,9 @@ struct Args {  // one branch's inputs and settings
   float scale;
 };
 
-// the key spans [st[e], st[e] + ln[e]) of query t in KV head h of row b; returns their count
-int64_t spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* st, int64_t* ln) {
-  if (a.mode == kWindow) {
-    st[0] = std::max<int64_t>(0, t - a.w + 1), ln[0] = t + 1 - st[0];
-    return 1;
-  }
-  if (a.mode == kCompressed) {
-    st[0] = 0, ln[0] = t + 1 >= a.l ? std::min(a.S, (t + 1 - a.l) / a.d + 1) : 0;
-    return ln[0] > 0;
-  }
+// the selected branch's key spans [st[e], st[e] + ln[e]) of query t in KV head h of row b (its
+// blocks, cut at t, ascending, adjacent ones merged); returns their count
+int64_t selected_spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* st, int64_t* ln) {
   const int32_t* ix = a.idx + ((b * a.T + t) * a.Hkv + h) * a.n;
   const int64_t cur = t / a.ls;
   int64_t c = 0;
@@ -234,7 +227,7 @@ NSA_INLINE void own_range(const Args& a, int64_t t, int64_t& lo, int64_t& hi) {
 // the spans of queries [t0, t0 + Q) (Q > 1: their union, one span); s rows of queries whose own
 // range is smaller are masked with -inf (G rows per query, stride ld)
 int64_t group_spans(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, int64_t* st, int64_t* ln) {
-  if (Q == 1 && a.mode == kSelected) return spans(a, b, h, t0, st, ln);
+  if (a.mode == kSelected) return selected_spans(a, b, h, t0, st, ln);  // Q == 1 (group_size)
   int64_t lo, hi, lo1, hi1;
   own_range(a, t0, lo, hi), own_range(a, t0 + Q - 1, lo1, hi1);
   st[0] = lo, ln[0] = hi1 - lo;
@@ -242,7 +235,7 @@ int64_t group_spans(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 }
 
 void mask_group(const Args& a, int64_t t0, int64_t Q, int64_t u0, int64_t n, float* s, int64_t ld) {
-  if (Q == 1 && a.mode == kSelected) return;
+  if (a.mode == kSelected) return;
   for (int64_t t = t0; t < t0 + Q; ++t) {
     int64_t lo, hi;
     own_range(a, t, lo, hi);
@@ -490,10 +483,6 @@ Args make_args(const Tensor& q, const Tensor& kh, const Tensor& kT, const Tensor
   return a;
 }
 
-Tensor new_selection(const Args& a, bool select, int64_t num_select) {
-  return at::empty({select ? a.B : 0, a.T, a.Hkv, num_select}, at::TensorOptions().dtype(at::kInt));
-}
-
 void set_selection(Args& a, Tensor& sel, int64_t num_select, int64_t num_init, int64_t num_local) {
   TORCH_CHECK(a.ls > 0 && a.ls % a.d == 0 && a.l % a.d == 0 && num_select > 0,
               "nsa attention_cpu: selection needs select_len and block_len multiples of stride");
@@ -511,7 +500,7 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& kh, const Tensor& kT,
   Tensor o = at::empty({a.B, a.T, a.H, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.T, a.H}, q.options());
   const bool select = mode == kCompressed && num_select > 0;
-  Tensor sel = new_selection(a, select, num_select);
+  Tensor sel = at::empty({select ? a.B : 0, a.T, a.Hkv, num_select}, q.options().dtype(at::kInt));
   if (select) set_selection(a, sel, num_select, num_init, num_local);
   float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int64_t nq = (a.T + QB - 1) / QB, tasks = a.B * a.Hkv * nq;
@@ -645,7 +634,10 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& kh, 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t bh = i / nq, b = bh / Hkv, h = bh % Hkv, t0 = (i % nq) * QB, t1 = std::min(T, t0 + QB);
-      for (int64_t t = t0; t < t1; ++t) std::fill(op + ((b * T + t) * H + h * G) * Dv, op + ((b * T + t) * H + h * G + G) * Dv, 0.f);
+      for (int64_t t = t0; t < t1; ++t) {
+        float* rows = op + ((b * T + t) * H + h * G) * Dv;
+        std::fill(rows, rows + G * Dv, 0.f);
+      }
       for (int c = 0; c < 3; ++c) {  // compressed first: it selects the blocks the selected branch reads
         if (!f.run[c]) continue;
         for (int64_t t = t0, Q; t < t1; t += Q) {

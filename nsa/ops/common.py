@@ -14,6 +14,7 @@ import importlib
 import torch
 
 BACKENDS = ("torch", "cpu", "triton")
+BRANCHES = ("cmp", "slc", "win")  # compressed, selected, sliding window: the gate order
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _BACKEND_MODULE = {"torch": "reference", "cpu": "cpu", "triton": "triton"}
 

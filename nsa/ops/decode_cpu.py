@@ -18,8 +18,9 @@ import os
 
 import torch
 
-from nsa.cache import BRANCHES, NSACache
+from nsa.cache import NSACache
 from nsa.ops import cpu_build
+from nsa.ops.common import BRANCHES
 
 ENV = "NSA_DECODE_KERNEL"  # "0": never use the kernel
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 import torch
 
 from nsa.ops import attention_cpu
-from nsa.ops.common import compressed_cu_seqlens, per_document
-from nsa.ops.native_sparse_attention.reference import BRANCHES, compose
+from nsa.ops.common import BRANCHES, compressed_cu_seqlens, per_document
+from nsa.ops.native_sparse_attention.reference import compose
 
 
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len,
                             num_select, num_init, num_local, window, branches, scale, cu_seqlens):
-    kw = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select, num_init=num_init,
-              num_local=num_local, window=window, branches=branches, scale=scale)
-    if not attention_cpu.applies(q) or (gates is not None and gates.dtype is not torch.float32):
-        return compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens=cu_seqlens, backend="torch",
-                       **kw)
-    on = tuple(b in branches for b in BRANCHES)
     args = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select, num_init=num_init,
                 num_local=num_local, window=window, scale=scale)
+    if not attention_cpu.applies(q) or (gates is not None and gates.dtype is not torch.float32):
+        return compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, branches=branches, cu_seqlens=cu_seqlens,
+                       backend="torch", **args)
+    on = tuple(b in branches for b in BRANCHES)
     tensors = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
     present = [i for i, x in enumerate(tensors) if x is not None]
 

@@ -5,9 +5,16 @@ with their branch ops; the "cpu" backend fuses it (``nsa.ops.native_sparse_atten
 
 from __future__ import annotations
 
-from nsa.ops.common import backend_fn
+from nsa.ops.common import BRANCHES, backend_fn
 
-BRANCHES = ("cmp", "slc", "win")
+
+def gated_sum(outs, gates, branches):
+    """``sum_c g_c * o_c`` over ``branches`` (``outs``: the branch outputs in ``BRANCHES`` order,
+    ``gates [..., 3]`` in the same order, or None: all 1), in the gates' dtype."""
+    on = [(i, b) for i, b in enumerate(BRANCHES) if b in branches]
+    if gates is None:
+        return sum(outs[i] for i, _ in on)
+    return sum(gates[..., i, None] * outs[i].to(gates.dtype) for i, _ in on)
 
 
 def compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len, num_select,
@@ -25,11 +32,7 @@ def compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, st
     if "win" in branches:
         outs["win"] = backend_fn("sliding_window_attention", backend)(q, k_win, v_win, window=window, scale=scale,
                                                                       cu_seqlens=cu_seqlens)
-    on = [(i, b) for i, b in enumerate(BRANCHES) if b in branches]
-    if gates is None:
-        o = sum(outs[b] for _, b in on)
-    else:
-        o = sum(gates[..., i, None] * outs[b].to(gates.dtype) for i, b in on)
+    o = gated_sum([outs.get(b) for b in BRANCHES], gates, branches)
     return o, (idx if "slc" in branches else None)
 
 
