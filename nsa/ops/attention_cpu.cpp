@@ -28,8 +28,9 @@
 // KV head) pairs when there are enough of them (nothing shared); otherwise each part of a pair's
 // queries accumulates into its own buffer, summed at the end.
 //
-// Layouts (contiguous): q, dO [B, T, H, D] (the G heads of a group are adjacent rows); K, V
-// head-major kh [B, Hkv, S, Dk], vh [B, Hkv, S, Dv]; transposed in tiles of TW keys, kT
+// Layouts (contiguous): q, dO [B, T, H, D] (the G heads of a group are adjacent rows); K, V as
+// given, k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] (a head's key rows Hkv D apart: no copies); transposed
+// in tiles of TW keys, kT
 // [B, Hkv, NT, Dk, TW], vT [B, Hkv, NT, Dv, TW] with NT >= S / TW + 1 (a span's scores read one
 // contiguous [D, TW] tile at a time, and whole vectors past a span's end stay inside the
 // tensor); lse [B, T, H] (one branch) or [B, T, H, 3] (fused).
@@ -145,7 +146,7 @@ void gemm(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx,
 // ---------------------------------------------------------------------------------------------- spans
 
 struct Args {  // one branch's inputs and settings
-  const float *q, *kh, *kT, *vh, *vT, *dout, *dlse;
+  const float *q, *k, *kT, *v, *vT, *dout, *dlse;
   const int32_t* idx;
   int32_t* sel;  // the compressed branch: where it writes the selected blocks (null: it does not select)
   int64_t B, T, S, NT, H, Hkv, G, Dk, Dv, n;  // NT: tiles of kT / vT; n: width of idx
@@ -338,9 +339,10 @@ void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Sc
   } else {
     mask_group(a, t0, Q, w.st[0], n, s, ld);
     softmax_lse(s, M, n, ld, w.lse.data(), w.inv.data());
-    const float* vh = a.vh + bh * a.S * a.Dv;
+    const int64_t ldv = a.Hkv * a.Dv;  // V rows of head h
+    const float* vh = a.v + b * a.S * ldv + h * a.Dv;
     for (int64_t e = 0, c = 0; e < ns; c += w.ln[e], ++e)
-      gemm<true>(s + c, ld, 1, vh + w.st[e] * a.Dv, a.Dv, w.ln[e], ob, a.Dv, M, a.Dv, 1.f);
+      gemm<true>(s + c, ld, 1, vh + w.st[e] * ldv, ldv, w.ln[e], ob, a.Dv, M, a.Dv, 1.f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t e = 0; e < a.Dv; ++e) ob[m * a.Dv + e] *= w.inv[m];
   }
@@ -403,10 +405,11 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
       store(y + i, p * (load(y + i) - delta));
     }
   }
-  const float* kh = a.kh + bh * a.S * a.Dk;
+  const int64_t ldk = a.Hkv * a.Dk;  // K rows of head h
+  const float* kh = a.k + b * a.S * ldk + h * a.Dk;
   std::fill(dqb, dqb + M * a.Dk, 0.f);
   for (int64_t e = 0, c = 0; e < ns; c += ln[e], ++e) {
-    gemm<true>(dp + c, ld, 1, kh + st[e] * a.Dk, a.Dk, ln[e], dqb, a.Dk, M, a.Dk, a.scale);
+    gemm<true>(dp + c, ld, 1, kh + st[e] * ldk, ldk, ln[e], dqb, a.Dk, M, a.Dk, a.scale);
     gemm<true>(dp + c, 1, ld, qb, a.Dk, M, dkh + st[e] * a.Dk, a.Dk, ln[e], a.Dk, a.scale);
     gemm<true>(s + c, 1, ld, db, a.Dv, M, dvh + st[e] * a.Dv, a.Dv, ln[e], a.Dv, 1.f);
   }
@@ -456,14 +459,14 @@ void check_f32(const Tensor& x, const char* name, int64_t dim) {
               "nsa attention_cpu: ", name, " must be a contiguous float32 CPU tensor with ", dim, " dims");
 }
 
-Args make_args(const Tensor& q, const Tensor& kh, const Tensor& kT, const Tensor& vh, const Tensor& idx,
+Args make_args(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& idx,
                int64_t mode, int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
-  check_f32(q, "q", 4), check_f32(kh, "kh", 4), check_f32(kT, "kT", 5), check_f32(vh, "vh", 4);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(kT, "kT", 5), check_f32(v, "v", 4);
   Args a{};
   a.B = q.size(0), a.T = q.size(1), a.H = q.size(2), a.Dk = q.size(3);
-  a.Hkv = kh.size(1), a.S = kh.size(2), a.Dv = vh.size(3), a.NT = kT.size(2);
-  TORCH_CHECK(kh.size(0) == a.B && kh.size(3) == a.Dk && a.H % a.Hkv == 0, "nsa attention_cpu: bad kh shape");
-  TORCH_CHECK(vh.size(0) == a.B && vh.size(1) == a.Hkv && vh.size(2) == a.S, "nsa attention_cpu: bad vh shape");
+  a.S = k.size(1), a.Hkv = k.size(2), a.Dv = v.size(3), a.NT = kT.size(2);
+  TORCH_CHECK(k.size(0) == a.B && k.size(3) == a.Dk && a.H % a.Hkv == 0, "nsa attention_cpu: bad k shape");
+  TORCH_CHECK(v.size(0) == a.B && v.size(1) == a.S && v.size(2) == a.Hkv, "nsa attention_cpu: bad v shape");
   TORCH_CHECK(kT.size(0) == a.B && kT.size(1) == a.Hkv && kT.size(3) == a.Dk && kT.size(4) == TW &&
                   a.NT * TW >= a.S + TW,
               "nsa attention_cpu: kT must be [B, Hkv, >= S / 64 + 1, Dk, 64]");
@@ -471,7 +474,7 @@ Args make_args(const Tensor& q, const Tensor& kh, const Tensor& kT, const Tensor
   TORCH_CHECK(mode == kCompressed || a.S == a.T, "nsa attention_cpu: keys and queries differ in length");
   a.G = a.H / a.Hkv, a.mode = mode, a.w = window, a.ls = select_len, a.l = block_len, a.d = stride;
   a.scale = static_cast<float>(scale);
-  a.q = q.data_ptr<float>(), a.kh = kh.data_ptr<float>(), a.kT = kT.data_ptr<float>(), a.vh = vh.data_ptr<float>();
+  a.q = q.data_ptr<float>(), a.k = k.data_ptr<float>(), a.kT = kT.data_ptr<float>(), a.v = v.data_ptr<float>();
   if (mode == kSelected) {
     TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 4 &&
                     idx.size(0) == a.B && idx.size(1) == a.T && idx.size(2) == a.Hkv && select_len > 0,
@@ -493,10 +496,10 @@ constexpr int64_t QB = 16;  // queries per forward task
 
 // one branch: o [B, T, H, Dv], lse [B, T, H] and, for the compressed branch with num_select > 0,
 // the selected blocks [B, T, Hkv, num_select] int32 (else an empty tensor)
-std::vector<Tensor> forward(const Tensor& q, const Tensor& kh, const Tensor& kT, const Tensor& vh, const Tensor& idx,
+std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& idx,
                             int64_t mode, int64_t window, int64_t select_len, int64_t block_len, int64_t stride,
                             double scale, int64_t num_select, int64_t num_init, int64_t num_local) {
-  Args a = make_args(q, kh, kT, vh, idx, mode, window, select_len, block_len, stride, scale);
+  Args a = make_args(q, k, kT, v, idx, mode, window, select_len, block_len, stride, scale);
   Tensor o = at::empty({a.B, a.T, a.H, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.T, a.H}, q.options());
   const bool select = mode == kCompressed && num_select > 0;
@@ -528,10 +531,10 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& kh, const Tensor& kT,
 
 // one branch: dq [B, T, H, Dk], dkh [B, Hkv, S, Dk], dvh [B, Hkv, S, Dv] (head-major) from dout
 // [B, T, H, Dv], lse [B, T, H] and (optional, numel 0 for none) the gradient of lse
-std::vector<Tensor> backward(const Tensor& q, const Tensor& kh, const Tensor& kT, const Tensor& vh, const Tensor& vT,
+std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& vT,
                              const Tensor& idx, const Tensor& dout, const Tensor& lse, const Tensor& dlse, int64_t mode,
                              int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
-  Args a = make_args(q, kh, kT, vh, idx, mode, window, select_len, block_len, stride, scale);
+  Args a = make_args(q, k, kT, v, idx, mode, window, select_len, block_len, stride, scale);
   check_f32(vT, "vT", 5), check_f32(dout, "dout", 4), check_f32(lse, "lse", 3);
   TORCH_CHECK(vT.size(2) == a.NT && vT.size(3) == a.Dv && vT.size(4) == TW && dout.size(3) == a.Dv &&
                   dout.size(1) == a.T && lse.size(1) == a.T && lse.size(2) == a.H,
@@ -573,7 +576,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& kh, const Tensor& kT
 // ---------------------------------------------------------------------------------------------- fused
 
 // The three branches of a query at once, gated and summed: o = sum_c gate_c o_c (nsa.native_sparse_attention).
-// Per branch c (0 compressed, 1 selected, 2 window) the caller passes kh[c], kT[c], vh[c] (and vT[c]
+// Per branch c (0 compressed, 1 selected, 2 window) the caller passes k[c], kT[c], v[c] (and vT[c]
 // for the backward), empty tensors for a branch that is off; the compressed branch runs when it or
 // the selected branch is on (it selects the blocks). gates [B, T, H, 3] float32, or empty: all 1.
 struct Fused {
@@ -584,10 +587,10 @@ struct Fused {
 };
 
 // forward: the compressed branch also runs (to select) when only the selected branch is on
-Fused make_fused(const Tensor& q, const std::vector<Tensor>& kh, const std::vector<Tensor>& kT,
-                 const std::vector<Tensor>& vh, const Tensor& sel, const std::vector<bool>& on, const Tensor& gates,
+Fused make_fused(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
+                 const std::vector<Tensor>& v, const Tensor& sel, const std::vector<bool>& on, const Tensor& gates,
                  int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale, bool forward) {
-  TORCH_CHECK(kh.size() == 3 && kT.size() == 3 && vh.size() == 3 && on.size() == 3,
+  TORCH_CHECK(k.size() == 3 && kT.size() == 3 && v.size() == 3 && on.size() == 3,
               "nsa attention_cpu: three branches (compressed, selected, window)");
   Fused f;
   const int64_t modes[3] = {kCompressed, kSelected, kWindow};
@@ -595,7 +598,7 @@ Fused make_fused(const Tensor& q, const std::vector<Tensor>& kh, const std::vect
     f.on[c] = on[c];
     f.run[c] = on[c] || (forward && c == 0 && on[1]);
     if (f.run[c])
-      f.br[c] = make_args(q, kh[c], kT[c], vh[c], sel, modes[c], window, select_len, block_len, stride, scale);
+      f.br[c] = make_args(q, k[c], kT[c], v[c], sel, modes[c], window, select_len, block_len, stride, scale);
   }
   TORCH_CHECK(f.run[0] || f.run[1] || f.run[2], "nsa attention_cpu: no branch is on");
   if (gates.numel() > 0) {
@@ -610,15 +613,15 @@ Fused make_fused(const Tensor& q, const std::vector<Tensor>& kh, const std::vect
 
 // o [B, T, H, Dv], lse [B, T, H, 3] (per branch; -inf for a branch not run), the selected blocks
 // [B, T, Hkv, num_select] int32 (empty when the selected branch is off)
-std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& kh, const std::vector<Tensor>& kT,
-                                const std::vector<Tensor>& vh, const std::vector<bool>& on, const Tensor& gates,
+std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
+                                const std::vector<Tensor>& v, const std::vector<bool>& on, const Tensor& gates,
                                 int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale,
                                 int64_t num_select, int64_t num_init, int64_t num_local) {
   check_f32(q, "q", 4);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   const bool select = on.size() == 3 && on[1];
-  Tensor sel = at::empty({select ? B : 0, T, select ? kh[1].size(1) : 0, num_select}, q.options().dtype(at::kInt));
-  Fused f = make_fused(q, kh, kT, vh, sel, on, gates, window, select_len, block_len, stride, scale, true);
+  Tensor sel = at::empty({select ? B : 0, T, select ? k[1].size(2) : 0, num_select}, q.options().dtype(at::kInt));
+  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, true);
   const Args& a0 = f.run[0] ? f.br[0] : f.br[2];
   if (select) set_selection(f.br[0], sel, num_select, num_init, num_local);
   const int64_t G = a0.G, Hkv = a0.Hkv, Dv = a0.Dv;
@@ -661,13 +664,13 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& kh, 
 
 // dq [B, T, H, Dk]; per branch dkh[c] [B, Hkv, S_c, Dk], dvh[c] (undefined for a branch that is off);
 // dgates [B, T, H, 3] (zeros for an off branch). vT: per branch, as kT.
-std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& kh, const std::vector<Tensor>& kT,
-                                 const std::vector<Tensor>& vh, const std::vector<Tensor>& vT, const Tensor& sel,
+std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
+                                 const std::vector<Tensor>& v, const std::vector<Tensor>& vT, const Tensor& sel,
                                  const std::vector<bool>& on, const Tensor& gates, const Tensor& dout, const Tensor& lse,
                                  int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
   check_f32(q, "q", 4), check_f32(dout, "dout", 4), check_f32(lse, "lse", 4);
   TORCH_CHECK(vT.size() == 3, "nsa attention_cpu: three vT");
-  Fused f = make_fused(q, kh, kT, vh, sel, on, gates, window, select_len, block_len, stride, scale, false);
+  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, false);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   const Args& a0 = f.run[0] ? f.br[0] : f.run[1] ? f.br[1] : f.br[2];
   const int64_t G = a0.G, Hkv = a0.Hkv, Dk = a0.Dk, BH = B * Hkv;
@@ -733,7 +736,7 @@ void bind_attention(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("attention_forward", &forward, "one NSA branch over whole sequences: o, lse (and selected blocks)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("attention_backward", &backward, "gradients of one NSA branch: dq, dk, dv (K/V head-major)",
+  m.def("attention_backward", &backward, "gradients of one NSA branch: dq, dk, dv (dk, dv head-major [B, Hkv, S, D])",
         py::call_guard<py::gil_scoped_release>());
   m.def("nsa_forward", &nsa_forward, "the three branches gated and summed: o, lse per branch, selected blocks",
         py::call_guard<py::gil_scoped_release>());

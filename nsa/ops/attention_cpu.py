@@ -46,9 +46,9 @@ def _tiled_t(x: torch.Tensor) -> torch.Tensor:
 
 
 def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool):
-    """Head-major ``kh [B,Hkv,S,Dk]``, ``vh``; tiled transposed ``kT`` (and ``vT``), see :func:`_tiled_t`."""
-    kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-    return kh, _tiled_t(k), vh, (_tiled_t(v) if with_vt else None)
+    """``k [B,S,Hkv,Dk]``, ``v`` as they are (made contiguous: the op reads a head's rows ``Hkv D``
+    apart); tiled transposed ``kT`` (and ``vT``), see :func:`_tiled_t`."""
+    return k.contiguous(), _tiled_t(k), v.contiguous(), (_tiled_t(v) if with_vt else None)
 
 
 class BranchAttention(torch.autograd.Function):
@@ -58,9 +58,9 @@ class BranchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, mode, params, select):
         q = q.contiguous()
-        kh, kt, vh, _ = _layouts(k, v, False)
+        kc, kt, vc, _ = _layouts(k, v, False)
         ix = _NO_INDEX if idx is None else idx
-        o, lse, sel = cpu_build.require().attention_forward(q, kh, kt, vh, ix, mode, *params, *select)
+        o, lse, sel = cpu_build.require().attention_forward(q, kc, kt, vc, ix, mode, *params, *select)
         ctx.save_for_backward(q, k, v, idx, lse)
         ctx.mode, ctx.params = mode, params
         ctx.mark_non_differentiable(sel)
@@ -75,9 +75,9 @@ class BranchAttention(torch.autograd.Function):
         B, T, H, _ = q.shape
         do = q.new_zeros(B, T, H, v.shape[-1]) if do is None else do.contiguous()
         dlse = _NO_INDEX.float() if dlse is None else dlse.contiguous()
-        kh, kt, vh, vt = _layouts(k, v, True)
+        kc, kt, vc, vt = _layouts(k, v, True)
         ix = _NO_INDEX if idx is None else idx
-        dq, dkh, dvh = cpu_build.require().attention_backward(q, kh, kt, vh, vt, ix, do, lse, dlse, ctx.mode,
+        dq, dkh, dvh = cpu_build.require().attention_backward(q, kc, kt, vc, vt, ix, do, lse, dlse, ctx.mode,
                                                                *ctx.params)
         return dq, dkh.transpose(1, 2), dvh.transpose(1, 2), None, None, None, None
 
@@ -105,7 +105,7 @@ def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale: fl
 
 
 def _branch_layouts(pairs, run, with_vt: bool):
-    """Per branch (compressed, selected, window): ``(kh, kT, vh, vT)`` of its ``(k, v)`` when it runs,
+    """Per branch (compressed, selected, window): ``(k, kT, v, vT)`` of its ``(k, v)`` when it runs,
     empty tensors otherwise; a K/V pair shared between branches is laid out once."""
     empty = torch.empty(0)
     done, out = {}, []
@@ -115,8 +115,8 @@ def _branch_layouts(pairs, run, with_vt: bool):
             continue
         key = (id(k), id(v))
         if key not in done:
-            kh, kt, vh, vt = _layouts(k, v, with_vt)
-            done[key] = (kh, kt, vh, vt if vt is not None else empty)
+            kc, kt, vc, vt = _layouts(k, v, with_vt)
+            done[key] = (kc, kt, vc, vt if vt is not None else empty)
         out.append(done[key])
     return [list(x) for x in zip(*out, strict=True)]
 
@@ -130,9 +130,9 @@ class NativeSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, params, select):
         q = q.contiguous()
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        kh, kt, vh, _ = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), False)  # compressed selects
+        kc, kt, vc, _ = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), False)  # compressed selects
         g = torch.empty(0) if gates is None else gates.contiguous()
-        o, lse, sel = cpu_build.require().nsa_forward(q, kh, kt, vh, list(on), g, *params, *select)
+        o, lse, sel = cpu_build.require().nsa_forward(q, kc, kt, vc, list(on), g, *params, *select)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None, lse, sel)
         ctx.on, ctx.params = on, params
         ctx.mark_non_differentiable(sel)
@@ -146,9 +146,9 @@ class NativeSparseAttention(torch.autograd.Function):
             return (None,) * 11
         on = ctx.on
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        kh, kt, vh, vt = _branch_layouts(pairs, on, True)
+        kc, kt, vc, vt = _branch_layouts(pairs, on, True)
         g = torch.empty(0) if gates is None else gates
-        dq, *dkv, dg = cpu_build.require().nsa_backward(q, kh, kt, vh, vt, sel, list(on), g, do.contiguous(), lse,
+        dq, *dkv, dg = cpu_build.require().nsa_backward(q, kc, kt, vc, vt, sel, list(on), g, do.contiguous(), lse,
                                                          *ctx.params)
         grads = [None if not on[c // 2] else dkv[c].transpose(1, 2) for c in range(6)]
         return (dq, *grads, dg if gates is not None else None, None, None, None)

@@ -198,3 +198,23 @@ def test_native_sparse_attention_thread_splits(threads):
         _nsa_compare((1, 203, 4, 1, 16, 24, 16, 8, 32, 4, 40), seed=6)
     finally:
         torch.set_num_threads(before)
+
+
+def test_strided_kv_views():
+    """K and V as views of one fused [B, T, Hkv, Dk + Dv] projection (not contiguous): the op reads K
+    and V rows in their [B, T, Hkv, D] layout (a head's rows Hkv D apart), so outputs and gradients
+    match the reference whatever the caller's strides."""
+    B, T, H, Hkv, Dk, Dv, ls, n = 2, 150, 8, 2, 16, 24, 16, 4
+    g = torch.Generator().manual_seed(7)
+    q, kv = torch.randn(B, T, H, Dk, generator=g), torch.randn(B, T, Hkv, Dk + Dv, generator=g)
+    idx = bf.random_block_indices(B, T, Hkv, n, ls, None, seed=8)
+    res = {}
+    for backend in ("torch", "cpu"):
+        qq, kvv = q.clone().requires_grad_(True), kv.clone().requires_grad_(True)
+        k, v = kvv[..., :Dk], kvv[..., Dk:]
+        o_w = nsa.sliding_window_attention(qq, k, v, window=40, backend=backend)
+        o_s = nsa.selected_attention(qq, k, v, idx, select_len=ls, backend=backend)
+        (o_w.square().sum() + (o_s * o_w).sum()).backward()
+        res[backend] = (o_w, o_s, qq.grad, kvv.grad)
+    for a, b in zip(res["cpu"], res["torch"], strict=True):
+        assert bf.relerr(a, b) < TOL
