@@ -20,7 +20,8 @@ reporting the best of ``--repeats`` wall times, the process CPU time, and the pe
 (rise of the resident set during the call, see ``bench.common.measure``). Each method and
 length runs in a fresh subprocess, so one method's freed memory cannot hide the other's, and
 the repeats are interleaved rounds (NSA, SDPA, NSA, SDPA, ...), so that a machine whose speed
-drifts (a shared VM) biases neither side of a ratio.
+drifts (a shared VM) biases neither side of a ratio. Each subprocess first runs one short
+forward+backward of its method (:func:`warm_up`), so one-time process costs are not measured.
 ``--breakdown`` adds, in one more subprocess per length, the forward and backward time of each
 NSA stage on its own (compression, compressed attention + selection, selected attention,
 sliding window), to show where the time goes.
@@ -91,6 +92,20 @@ def sdpa_forward(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
+WARM_UP_LEN = 1024
+
+
+def warm_up(method: str, g: torch.Generator, device: str) -> None:
+    """One forward+backward of ``method`` at ``WARM_UP_LEN`` tokens before anything is measured: the
+    process's one-time costs (lazy imports, the thread pool, the first touch of the op's code and
+    scratch) belong to neither method's per-call time or memory. Short, so the allocator keeps no
+    freed blocks of the measured size (which would hide part of the measured call's peak)."""
+    H, Hkv, D = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
+    q, k, v = (torch.randn(1, WARM_UP_LEN, h, D, generator=g).to(device).requires_grad_(True) for h in (H, Hkv, Hkv))
+    out = nsa_forward(q, k, v, **NSA_BLOCKS) if method == "nsa" else sdpa_forward(q, k, v)
+    out.sum().backward()
+
+
 def run_case(method: str, T: int, repeats: int, device: str, seed: int = 0) -> dict:
     """Measure one method at one length in this process."""
     g = torch.Generator().manual_seed(seed)
@@ -107,6 +122,7 @@ def run_case(method: str, T: int, repeats: int, device: str, seed: int = 0) -> d
 
         cpu_build.load()  # once per process (JIT build check): not part of the op's time
     fwd = (lambda: nsa_forward(q, k, v, **NSA_BLOCKS)) if method == "nsa" else (lambda: sdpa_forward(q, k, v))
+    warm_up(method, g, device)
 
     def fwd_bwd():
         for x in (q, k, v):
