@@ -27,57 +27,13 @@ read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
 echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
 
-_any_alive() {
-    local p
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done
-    return 1
-}
-
-# train_both THREADS [OVERRIDE...]: both runs at once (THREADS OpenMP threads each on a CPU) with the
-# same extra `python -m train` overrides; prints their steps every minute. Its arguments are part of
-# the stage's stamp, so a run with other overrides (a smoke test) is never taken for this one.
-train_both() {
-    local threads=$1
-    shift
-    local pids=() a rc=0 t=0 t0 first=outputs/runs/$NAME-${RUNS[0]}/metrics.jsonl
-    t0=$(date +%s)
-    for a in "${RUNS[@]}"; do
-        OMP_NUM_THREADS=$threads "$PY" -m train experiment=$NAME attention="$a" "$@" \
-            >"$OUT/train-$a.log" 2>&1 &
-        pids+=($!)
-        # the first run prepares the data (if needed); the others start once it has logged a step
-        # (its shards are complete then) or has exited, so that no two runs write the shards at once
-        while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]]; do
-            sleep 1
-        done
-    done
-    while _any_alive "${pids[@]}"; do
-        sleep 1
-        t=$((t + 1))
-        if (( t % 60 == 0 )); then
-            local line="" m
-            for a in "${RUNS[@]}"; do
-                m=outputs/runs/$NAME-$a/metrics.jsonl
-                line+=" $a: step $(tail -n 1 "$m" 2>/dev/null | sed -n 's/^{"step": \([0-9]*\).*/\1/p')"
-            done
-            echo "   [$(date -u +%H:%M:%S)]$line"
-        fi
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-    if (( rc != 0 )); then
-        echo "training failed (exit $rc): see $OUT/train-*.log" >&2
-        tail -n 20 "$OUT"/train-*.log >&2
-        return "$rc"
-    fi
-}
-
 stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
 exports=""
 for a in "${RUNS[@]}"; do exports+=" outputs/runs/$NAME-$a/export/model.safetensors"; done
 TRAIN_CONFIGS="configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
 TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml"
-stage 2 train "$exports" "$TRAIN_CONFIGS" -- train_both "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+stage 2 train "$exports" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
 PPL_ARGS=("ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)

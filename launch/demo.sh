@@ -8,14 +8,15 @@
 #
 #   1 tokenizer       python -m data.tokenizer data=pystdlib tokenizer=bpe4096
 #   2 data            python -m data.prepare   data=pystdlib tokenizer=bpe4096
-#   3 train-nsa       python -m train experiment=demo attention=nsa    (exports to outputs/runs/demo-nsa/export)
-#   4 train-full      python -m train experiment=demo attention=full   (same seed, data order, steps; wandb group demo)
-#   5 train-retrieval-nsa   python -m train experiment=demo_retrieval attention=nsa   (synthetic data, prepared by the trainer)
-#   6 train-retrieval-full  python -m train experiment=demo_retrieval attention=full
-#   7 eval-ppl        python -m eval task=ppl  checkpoint=outputs/runs/demo-{nsa,full}   (held-out loss by position)
-#   8 eval-niah       python -m eval task=niah checkpoint=outputs/runs/demo-{nsa,full}   (small passkey grid)
-#   9 eval-retrieval  python -m eval task=retrieval checkpoint=outputs/runs/demo_retrieval-{nsa,full}   (held-out copies)
-#   10 compare        python -m eval.compare outputs/runs/demo-{nsa,full} outputs/runs/demo_retrieval-{nsa,full} --out outputs/demo
+#   3 train           python -m train experiment=demo attention=nsa   and   attention=full, side by side
+#                       (exports to outputs/runs/demo-{nsa,full}/export; same seed, data order, steps;
+#                       one thread each on a CPU; wandb group demo)
+#   4 train-retrieval python -m train experiment=demo_retrieval attention=nsa   and   attention=full
+#                       (synthetic data, prepared by the first run)
+#   5 eval-ppl        python -m eval task=ppl  checkpoint=outputs/runs/demo-{nsa,full}   (held-out loss by position)
+#   6 eval-niah       python -m eval task=niah checkpoint=outputs/runs/demo-{nsa,full}   (small passkey grid)
+#   7 eval-retrieval  python -m eval task=retrieval checkpoint=outputs/runs/demo_retrieval-{nsa,full}   (held-out copies)
+#   8 compare         python -m eval.compare outputs/runs/demo-{nsa,full} outputs/runs/demo_retrieval-{nsa,full} --out outputs/demo
 #
 # A stage is skipped when its outputs exist and its stamp (outputs/demo/.stamps/) records the same
 # command and input fingerprint, so a second `make demo` redoes nothing; `rm -r outputs/demo/.stamps`
@@ -150,11 +151,58 @@ eval_and_compare() {
     compare_runs
 }
 
+_any_alive() {
+    local p
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done
+    return 1
+}
+
+# train_both EXPERIMENT THREADS [OVERRIDE...]: `python -m train experiment=EXPERIMENT attention=<a>`
+# for every a in RUNS at once (THREADS OpenMP threads each: on 2 cores two 1-thread runs side by
+# side finish sooner than one 2-thread run after the other, and see the same machine), with the
+# same extra overrides; logs in $OUT/train-EXPERIMENT-<a>.log, their steps printed every minute. Its
+# arguments are part of the stage's stamp, so a run with other overrides (a smoke test) is never
+# taken for this one.
+train_both() {
+    local name=$1 threads=$2
+    shift 2
+    local pids=() a rc=0 t=0 t0 first=outputs/runs/$name-${RUNS[0]}/metrics.jsonl
+    t0=$(date +%s)
+    for a in "${RUNS[@]}"; do
+        OMP_NUM_THREADS=$threads "$PY" -m train experiment="$name" attention="$a" "$@" \
+            >"$OUT/train-$name-$a.log" 2>&1 &
+        pids+=($!)
+        # the first run prepares the data (if needed); the others start once it has logged a step
+        # (its shards are complete then) or has exited, so that no two runs write the shards at once
+        while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]]; do
+            sleep 1
+        done
+    done
+    while _any_alive "${pids[@]}"; do
+        sleep 1
+        t=$((t + 1))
+        if (( t % 60 == 0 )); then
+            local line="" m
+            for a in "${RUNS[@]}"; do
+                m=outputs/runs/$name-$a/metrics.jsonl
+                line+=" $a: step $(tail -n 1 "$m" 2>/dev/null | sed -n 's/^{"step": \([0-9]*\).*/\1/p')"
+            done
+            echo "   [$(date -u +%H:%M:%S)]$line"
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+    if (( rc != 0 )); then
+        echo "training failed (exit $rc): see $OUT/train-$name-*.log" >&2
+        tail -n 20 "$OUT"/train-"$name"-*.log >&2
+        return "$rc"
+    fi
+}
+
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NAME=demo
-STAGES=10
+STAGES=8
 RUNS=(nsa full)
 read -r -a EXTRA <<<"${DEMO_OVERRIDES:-}"
 run_setup $NAME
@@ -172,19 +220,15 @@ stage 1 tokenizer "$TOK" "configs/tokenizer/bpe4096.yaml" -- \
 stage 2 data "$DATA/meta.json" "$TOK configs/data/pystdlib.yaml" -- \
     "$PY" -m data.prepare "${DATA_ARGS[@]}"
 
-num=3
-for a in "${RUNS[@]}"; do
-    stage $num "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
-        "$CONFIGS configs/attention/$a.yaml $DATA/meta.json" -- \
-        "$PY" -m train experiment=$NAME attention="$a" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
-    num=$((num + 1))
-done
-for a in "${RUNS[@]}"; do
-    stage $num "train-retrieval-$a" "outputs/runs/${NAME}_retrieval-$a/export/model.safetensors" \
-        "$RETRIEVAL_CONFIGS configs/attention/$a.yaml" -- \
-        "$PY" -m train experiment=${NAME}_retrieval attention="$a" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
-    num=$((num + 1))
-done
+# each pair trains side by side, one thread per run on a CPU (on a GPU both share it)
+ATTN_CONFIGS=""
+for a in "${RUNS[@]}"; do ATTN_CONFIGS+=" configs/attention/$a.yaml"; done
+exports() { local a; for a in "${RUNS[@]}"; do printf 'outputs/runs/%s-%s/export/model.safetensors ' "$1" "$a"; done; }
+stage 3 train "$(exports $NAME)" "$CONFIGS$ATTN_CONFIGS $DATA/meta.json" -- \
+    train_both $NAME 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+stage 4 train-retrieval "$(exports ${NAME}_retrieval)" "$RETRIEVAL_CONFIGS$ATTN_CONFIGS" -- \
+    train_both ${NAME}_retrieval 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+num=5
 
 # Evaluation. Language models: held-out loss by position at 1x and 2x the training length (plain
 # RoPE beyond 2k) and a passkey grid at 512..2048 tokens (they never saw a passkey: a score of 0

@@ -143,14 +143,14 @@ def test_demo_runs_the_documented_stages_once(tmp_path):
     assert calls[-1] == ("-m eval.compare outputs/runs/demo-nsa outputs/runs/demo-full outputs/runs/demo_retrieval-nsa "
                          "outputs/runs/demo_retrieval-full --out outputs/demo")
     documented = [" ".join(c.split()[:3]) for c in _documented_commands(root / "launch" / "demo.sh")]
-    assert documented == ["python -m data.tokenizer", "python -m data.prepare"] + ["python -m train"] * 4 + [
+    assert documented == ["python -m data.tokenizer", "python -m data.prepare"] + ["python -m train"] * 2 + [
         "python -m eval"] * 3 + ["python -m eval.compare"]
     assert out.rstrip().endswith(f"report: {root}/outputs/demo/report.md")
     report = (root / "outputs/demo/report.md").read_text()
-    assert "## How this report was made" in report and "| train-nsa |" in report and "| train-retrieval-full |" in report
+    assert "## How this report was made" in report and "| train |" in report and "| train-retrieval |" in report
 
     calls, out = _run(root, "demo.sh", env, log)  # second run: everything up to date
-    assert calls == [] and out.count("up to date, skipped") == 13
+    assert calls == [] and out.count("up to date, skipped") == 11
 
     cfg = root / "configs/experiment/demo.yaml"  # a changed experiment retrains, re-evaluates, re-compares its pair
     cfg.write_text(cfg.read_text() + "\n# changed\n")
