@@ -172,9 +172,11 @@ train_both() {
         OMP_NUM_THREADS=$threads "$PY" -m train experiment="$name" attention="$a" "$@" \
             >"$OUT/train-$name-$a.log" 2>&1 &
         pids+=($!)
-        # the first run prepares the data (if needed); the others start once it has logged a step
-        # (its shards are complete then) or has exited, so that no two runs write the shards at once
-        while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]]; do
+        # the first run prepares the data (if needed); the others start once its data is ready (it
+        # says it starts or resumes, which comes after the data; or it logged a step) or it has
+        # exited, so that no two runs write the shards at once and none waits for NSA's op build
+        while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]] &&
+            ! grep -qE "^starting .* from scratch in |^resumed from " "$OUT/train-$name-${RUNS[0]}.log" 2>/dev/null; do
             sleep 1
         done
     done
