@@ -187,7 +187,9 @@ train_both() {
             local line="" m
             for a in "${RUNS[@]}"; do
                 m=outputs/runs/$name-$a/metrics.jsonl
-                line+=" $a: step $(tail -n 1 "$m" 2>/dev/null | sed -n 's/^{"step": \([0-9]*\).*/\1/p')"
+                # `|| true`: a run with no metrics yet (tail fails) must not end the script under
+                # set -e + pipefail, an assignment takes its command substitution's status
+                line+=" $a: step $(tail -n 1 "$m" 2>/dev/null | sed -n 's/^{"step": \([0-9]*\).*/\1/p' || true)"
             done
             echo "   [$(date -u +%H:%M:%S)]$line"
         fi
