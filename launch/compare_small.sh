@@ -29,11 +29,9 @@ echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
 
 stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
-exports=""
-for a in "${RUNS[@]}"; do exports+=" outputs/runs/$NAME-$a/export/model.safetensors"; done
 TRAIN_CONFIGS="configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
 TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml"
-stage 2 train "$exports" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+stage 2 train "$(run_exports $NAME)" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
 PPL_ARGS=("ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)

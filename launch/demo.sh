@@ -173,10 +173,11 @@ train_both() {
             >"$OUT/train-$name-$a.log" 2>&1 &
         pids+=($!)
         # the first run prepares the data (if needed); the others start once its data is ready (it
-        # says it starts or resumes, which comes after the data; or it logged a step) or it has
-        # exited, so that no two runs write the shards at once and none waits for NSA's op build
+        # says it starts or resumes, which comes after the data, not at a line start: a progress
+        # bar's tqdm.write clears the line first; or it logged a step) or it has exited, so that no
+        # two runs write the shards at once and none waits for NSA's op build
         while kill -0 "${pids[0]}" 2>/dev/null && ! [[ -f $first && $(stat -c %Y "$first") -ge $t0 ]] &&
-            ! grep -qE "^starting .* from scratch in |^resumed from " "$OUT/train-$name-${RUNS[0]}.log" 2>/dev/null; do
+            ! grep -qE "starting .* from scratch in |resumed from .* at step " "$OUT/train-$name-${RUNS[0]}.log" 2>/dev/null; do
             sleep 1
         done
     done
@@ -200,6 +201,12 @@ train_both() {
         tail -n 20 "$OUT"/train-"$name"-*.log >&2
         return "$rc"
     fi
+}
+
+# run_exports EXPERIMENT: the exported weights of outputs/runs/EXPERIMENT-<a>, a in RUNS (train_both's outputs)
+run_exports() {
+    local a
+    for a in "${RUNS[@]}"; do printf 'outputs/runs/%s-%s/export/model.safetensors ' "$1" "$a"; done
 }
 
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
@@ -227,10 +234,9 @@ stage 2 data "$DATA/meta.json" "$TOK configs/data/pystdlib.yaml" -- \
 # each pair trains side by side, one thread per run on a CPU (on a GPU both share it)
 ATTN_CONFIGS=""
 for a in "${RUNS[@]}"; do ATTN_CONFIGS+=" configs/attention/$a.yaml"; done
-exports() { local a; for a in "${RUNS[@]}"; do printf 'outputs/runs/%s-%s/export/model.safetensors ' "$1" "$a"; done; }
-stage 3 train "$(exports $NAME)" "$CONFIGS$ATTN_CONFIGS $DATA/meta.json" -- \
+stage 3 train "$(run_exports $NAME)" "$CONFIGS$ATTN_CONFIGS $DATA/meta.json" -- \
     train_both $NAME 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
-stage 4 train-retrieval "$(exports ${NAME}_retrieval)" "$RETRIEVAL_CONFIGS$ATTN_CONFIGS" -- \
+stage 4 train-retrieval "$(run_exports ${NAME}_retrieval)" "$RETRIEVAL_CONFIGS$ATTN_CONFIGS" -- \
     train_both ${NAME}_retrieval 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 num=5
 
