@@ -75,12 +75,19 @@ def resolve_export(path) -> Path:
     raise ValueError(f"{path} is not an export folder (no {WEIGHTS} and {CONFIG}) nor a run dir with export/")
 
 
+# NSA settings that choose which keys a query reads, not what any weight computes: the compression
+# (block_len, stride) and the selection blocks (select_len) fix what phi and the block scores mean.
+SPARSITY_KEYS = ("num_select", "num_init", "num_local", "window")
+
+
 def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionConfig) -> Path:
     """Copy the weights of the export at ``path`` (or a run dir's export/) into ``model``, built from
     ``model_cfg``/``attention_cfg``. The shapes must agree and so must every setting that changes
     what a weight means (for full attention: none of the NSA settings); the context settings
-    (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and the init scales (incl. ``gate_init``)
-    may differ, so a model trained on short documents can be extended. Returns the folder."""
+    (``max_seq_len``, ``rope_theta``, ``rope_scaling``), NSA's reading budget (``SPARSITY_KEYS``:
+    how many blocks a query selects, which are forced, the window) and the init scales (incl.
+    ``gate_init``) may differ, so a model trained on short documents can be extended. Returns the
+    folder."""
     src = resolve_export(path)
     src_model, src_attn = load_config(src)
     free = {"max_seq_len", "rope_theta", "rope_scaling", "init_std", "embed_init_std"}
@@ -88,7 +95,8 @@ def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionCo
     differ = sorted(k for k in a if k not in free and a[k] != b.get(k))
     a, b = attention_cfg.to_dict(), src_attn.to_dict()
     # full attention has no NSA weights, so its NSA settings mean nothing; gate_init is an init scale
-    keys = ["kind"] if a["kind"] == b["kind"] == "full" else [k for k in a if k not in ("backend", "gate_init")]
+    free_attn = ("backend", "gate_init", *SPARSITY_KEYS)
+    keys = ["kind"] if a["kind"] == b["kind"] == "full" else [k for k in a if k not in free_attn]
     differ += sorted(f"attention.{k}" for k in keys if a[k] != b.get(k))
     if differ:
         raise ValueError(f"{src}: its model differs from this run's in {', '.join(differ)}")

@@ -117,7 +117,8 @@ def test_export_from_before_gate_scale_loads_at_scale_one(tmp_path):
 def test_load_weights_settings_that_do_not_change_weights(tmp_path):
     """A full-attention export loads whatever its (unused) NSA settings say, also one written before
     the gate settings existed (no keys in config.json); an NSA export loads with another gate_init
-    (an init value), not with another gate_weight_scale, nor, when old, at the new default scale."""
+    (an init value) or reading budget, not with other blocks or another gate_weight_scale, nor, when old,
+    at the new default scale."""
     from dataclasses import replace
 
     from train.model.pretrained import load_weights
@@ -135,6 +136,13 @@ def test_load_weights_settings_that_do_not_change_weights(tmp_path):
     save_pretrained(build_model(cfg, nsa), tmp_path / "nsa", cfg, nsa)
     other_init = replace(nsa, gate_init={"cmp": 0.5, "slc": 0.5, "win": 0.5})
     load_weights(build_model(cfg, other_init), tmp_path / "nsa", cfg, other_init)
+    # the reading budget (blocks selected, forced, window) may change between stages; the blocks may not
+    wider = replace(nsa, num_select=nsa.num_select + 2, num_local=1, window=2 * nsa.window)
+    load_weights(build_model(cfg, wider), tmp_path / "nsa", cfg, wider)
+    for k in ("select_len", "block_len"):
+        other = replace(nsa, **{k: 2 * getattr(nsa, k)})
+        with pytest.raises(ValueError, match=f"attention.{k}"):
+            load_weights(build_model(cfg, other), tmp_path / "nsa", cfg, other)
     with pytest.raises(ValueError, match="attention.gate_weight_scale"):
         load_weights(build_model(cfg, replace(nsa, gate_weight_scale=1.0)), tmp_path / "nsa", cfg,
                      replace(nsa, gate_weight_scale=1.0))
