@@ -34,19 +34,22 @@ import torch
 
 from eval.io import markdown_table
 
-TASK_KWARGS = ("min_filler_chars", "max_filler_chars", "min_depth", "max_depth", "num_documents", "kwargs")
+# a task's settings; ``task`` names the generator when the entry's key is a label of its own, e.g.
+# ``copy_chars: {task: copy, kwargs: {symbols: chars}}`` beside ``copy``
+TASK_KWARGS = ("task", "min_filler_chars", "max_filler_chars", "min_depth", "max_depth", "num_documents", "kwargs")
 
 
 def documents(task: str, n: int, min_filler: int, max_filler: int, seed: int, kwargs: Mapping | None = None,
-              min_depth: float = 0.0, max_depth: float = 1.0):
+              min_depth: float = 0.0, max_depth: float = 1.0, label: str | None = None):
     """``n`` documents of ``task`` with filler lengths uniform in ``[min_filler, max_filler]`` and
-    needle depths in ``[min_depth, max_depth]``, from a seed of their own per task."""
+    needle depths in ``[min_depth, max_depth]``, from a seed of their own per task (per ``label``
+    when given, so two variants of one generator draw different documents)."""
     from data.synthetic import GENERATORS, draw_documents
 
     if task not in GENERATORS:
         raise ValueError(f"unknown retrieval task {task!r}; known: {sorted(GENERATORS)}")
-    return draw_documents(task, n, min_filler, max_filler, random.Random(f"{seed}-{task}"), min_depth, max_depth,
-                          kwargs)
+    return draw_documents(task, n, min_filler, max_filler, random.Random(f"{seed}-{label or task}"), min_depth,
+                          max_depth, kwargs)
 
 
 def tokenize(lm, doc) -> tuple[list[int], list[tuple[int, int]]]:
@@ -208,10 +211,10 @@ def run_retrieval(lm, cfg: Mapping, progress: bool = True) -> tuple[dict, list[d
         unknown = sorted(set(tc) - set(TASK_KWARGS))
         if unknown:
             raise ValueError(f"retrieval.tasks.{task}: unknown keys {unknown}; allowed: {list(TASK_KWARGS)}")
-        docs = documents(task, int(tc.get("num_documents", cfg.get("num_documents", 32))),
+        docs = documents(str(tc.get("task", task)), int(tc.get("num_documents", cfg.get("num_documents", 32))),
                          int(tc.get("min_filler_chars", 0)), int(tc.get("max_filler_chars", 1000)),
                          int(cfg.get("seed", 0)), tc.get("kwargs"), float(tc.get("min_depth", 0.0)),
-                         float(tc.get("max_depth", 1.0)))
+                         float(tc.get("max_depth", 1.0)), label=task)
         rows, sources = [], []
         for doc in tqdm(docs, desc=f"retrieval/{task}", disable=not progress):
             ids, spans = tokenize(lm, doc)

@@ -59,6 +59,22 @@ def test_scores_follow_the_predictions(tok):
     assert md.startswith("# Retrieval") and "## copy: by document length" in md
 
 
+def test_labelled_variants_of_one_generator(tok):
+    """A task entry may carry its own label (``task`` names the generator): the same generator twice,
+    on words and on single characters, each scored under its label from documents of its own seed;
+    an unlabelled entry draws exactly the documents it drew before labels existed."""
+    cfg = {"num_documents": 4, "seed": 3, "tasks": {
+        "copy": TASKS["copy"], "copy_chars": {**TASKS["copy"], "task": "copy", "kwargs": {"symbols": "chars"}}}}
+    res, records = retrieval.run_retrieval(LookAheadLM(tok, wrong_digits=True), cfg, progress=False)
+    assert list(res) == ["copy", "copy_chars"] and {r["task"] for r in records} == {"copy", "copy_chars"}
+    assert res["copy"]["exact"] == 1.0 and res["copy_chars"]["exact"] == 0.0  # numbers only in the chars variant
+    plain = retrieval.documents("copy", 2, 20, 80, seed=3)
+    assert [d.text for d in plain] == [d.text for d in retrieval.documents("copy", 2, 20, 80, seed=3, label="copy")]
+    assert plain[0].text != retrieval.documents("copy", 2, 20, 80, seed=3, label="copy_words")[0].text
+    with pytest.raises(ValueError, match="unknown retrieval task 'nope'"):
+        retrieval.run_retrieval(LookAheadLM(tok), {"tasks": {"x": {"task": "nope"}}}, progress=False)
+
+
 def test_answer_tokens_are_located_exactly(tok):
     """Whole-text tokens, and exactly the answer's: decoding them gives the answer (up to the
     leading space a piece may carry), and the tokens around it are not part of it."""
