@@ -2,15 +2,20 @@
 # NSA vs full attention, the longer CPU experiment (about 40 minutes on 2 cores; 70 before the fused CPU op):
 #
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
-#   2 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
+#   2 lookup-<a>  python -m train experiment=retrieval_probe_lookup attention=<a> run_name=retrieval_probe_lookup-<a>
+#                 (the retrieval probe's stage 1, a = nsa, full: a content look-up learnt on short
+#                 associative-recall documents, shared with launch/retrieval_probe.sh; ~11 / ~35 min)
+#   3 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
 #                 python -m train experiment=compare_small attention=full  } (same seed, data order, steps)
-#   3 eval-ppl    python -m eval task=ppl  checkpoint=outputs/runs/compare_small-{nsa,full}  (1x, 2x, 4x length)
-#   4 eval-niah   python -m eval task=niah eval@niah=niah_passkey checkpoint=...  (passkey at 1x, 2x, 4x the
+#                 with train.init_from=outputs/runs/retrieval_probe_lookup-<a>
+#   4 eval-ppl    python -m eval task=ppl  checkpoint=outputs/runs/compare_small-{nsa,full}  (1x, 2x, 4x length)
+#   5 eval-niah   python -m eval task=niah eval@niah=niah_passkey checkpoint=...  (passkey at 1x, 2x, 4x the
 #                 1024-token training length)
-#   5 eval-retrieval  python -m eval task=retrieval checkpoint=...  (held-out passkey, MQAR, copy documents)
-#   6 compare     python -m eval.compare ... --out outputs/compare_small
+#   6 eval-retrieval  python -m eval task=retrieval checkpoint=...  (held-out passkey, MQAR, copy documents)
+#   7 compare     python -m eval.compare ... --out outputs/compare_small
 #
-# Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps). Both runs train
+# Stages skip like launch/demo.sh's (stamps in outputs/compare_small/.stamps; stage 2's in
+# outputs/retrieval_probe/.stamps, as the probe's). Both runs train
 # concurrently so that they reach the same step at about the same time; the NSA run prepares the
 # mixture's shards first (the full run starts once the NSA run has logged its first step).
 # Logs: outputs/compare_small/*.log.
@@ -21,7 +26,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/demo.sh
 source launch/demo.sh
 NAME=compare_small
-STAGES=6
+STAGES=7
 RUNS=(nsa full)
 read -r -a EXTRA <<<"${COMPARE_OVERRIDES:-}"
 run_setup $NAME
@@ -29,9 +34,13 @@ echo "== compare_small on $DEVICE_DESC; outputs in $OUT"
 
 stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
+# a curriculum: each run starts from a content look-up learnt on short documents (without it, neither
+# model formed one on this mixture in 4000 steps: docs/results/compare_small/diagnosis)
+for a in "${RUNS[@]}"; do lookup_stage 2 retrieval_probe "$a" "attention=$a"; done
 TRAIN_CONFIGS="configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
-TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml"
-stage 2 train "$(run_exports $NAME)" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml $(run_exports retrieval_probe_lookup)"
+stage 3 train "$(run_exports $NAME)" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" \
+    'train.init_from=outputs/runs/retrieval_probe_lookup-${attention.kind}' "${EXTRA[@]}"
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
 PPL_ARGS=("ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)
@@ -41,7 +50,7 @@ NIAH_ARGS=(eval@niah=niah_passkey "niah.context_lengths=[1024,2048,4096]"
 # in-distribution retrieval: held-out passkey / MQAR / copy documents like the training mixture's
 RETRIEVAL_ARGS=(retrieval.num_documents=64)
 EVAL_TASKS=(ppl niah retrieval)
-num=3
+num=4
 eval_and_compare $NAME
 # COMPARE_PUBLISH=DIR: copy the small results (report, figures, evaluation results, stage times,
 # the runs' resolved configs) to DIR, e.g. docs/results/compare_small, for committing.

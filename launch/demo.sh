@@ -209,6 +209,35 @@ run_exports() {
     for a in "${RUNS[@]}"; do printf 'outputs/runs/%s-%s/export/model.safetensors ' "$1" "$a"; done
 }
 
+# fresh DIR COMMAND...: run a training stage in an empty run dir, so a stage redone after a config
+# change starts over instead of resuming the old run's final checkpoint
+fresh() {
+    local dir=$1
+    shift
+    rm -rf "$dir"
+    "$@"
+}
+
+# inputs of the retrieval probe's training stages besides the experiment's and the attention's configs
+PROBE_CONFIGS="configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
+PROBE_CONFIGS+=" configs/schedule/constant.yaml data/synthetic.py"
+
+# lookup_stage NUM NAME RUN ATTENTION_OVERRIDE...: the retrieval probe's stage 1 for RUN,
+# `python -m train experiment=retrieval_probe_lookup` (a content look-up learnt on short
+# associative-recall documents) into outputs/runs/NAME_lookup-RUN: where a run that must retrieve
+# starts from (the probe's stage 2, compare_small). Its stamp is outputs/NAME/.stamps/lookup-RUN
+# whichever script runs it, so the probe and compare_small share one training. The caller's EXTRA
+# overrides and TRAIN_DEVICE are appended.
+lookup_stage() {
+    local num=$1 name=$2 run=$3
+    shift 3
+    local dir=outputs/runs/${name}_lookup-$run
+    STAMPS=outputs/$name/.stamps stage "$num" "lookup-$run" "$dir/export/model.safetensors" \
+        "configs/experiment/retrieval_probe_lookup.yaml $PROBE_CONFIGS configs/attention/${1#attention=}.yaml" -- \
+        fresh "$dir" "$PY" -m train experiment=retrieval_probe_lookup name="$name" "$@" run_name="${name}_lookup-$run" \
+        "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+}
+
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -11,7 +11,9 @@
 #      <attention of the run>: full: attention=full; nsa: attention=nsa;
 #      nsa_window_only: attention=nsa attention.branches=[win]
 #   4 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
-#                        (nsa also with +attention.num_select=16: every block, what selection costs)
+#                        (nsa also with +attention.num_select=16: every block, what selection costs;
+#                        every run also with eval@retrieval=retrieval_probe_symbols: words against
+#                        single-character symbols, short documents)
 #   5 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/retrieval_probe/.stamps). The runs train one
@@ -43,26 +45,13 @@ run_args() {
 
 stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.yaml" -- \
     "$PY" -m data.tokenizer data=pystdlib tokenizer=bpe4096
-# fresh DIR COMMAND...: run a training stage in an empty run dir, so a stage redone after a config
-# change starts over instead of resuming the old run's final checkpoint
-fresh() {
-    local dir=$1
-    shift
-    rm -rf "$dir"
-    "$@"
-}
-
-# inputs of every run's training stages, plus its own attention config (an NSA change leaves the
-# full-attention run's stamps valid)
-CONFIGS="configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
-CONFIGS+=" configs/schedule/constant.yaml data/synthetic.py"
 for a in "${RUNS[@]}"; do
     read -r -a args <<<"$(run_args "$a")"
-    run_configs="$CONFIGS configs/attention/${args[0]#attention=}.yaml"
+    # inputs of the run's training stages: its own attention config too (an NSA change leaves the
+    # full-attention run's stamps valid)
+    run_configs="$PROBE_CONFIGS configs/attention/${args[0]#attention=}.yaml"
     lookup=outputs/runs/${NAME}_lookup-$a
-    stage 2 "lookup-$a" "$lookup/export/model.safetensors" "configs/experiment/retrieval_probe_lookup.yaml $run_configs" -- \
-        fresh "$lookup" "$PY" -m train experiment=retrieval_probe_lookup name="$NAME" "${args[@]}" run_name="${NAME}_lookup-$a" \
-        "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+    lookup_stage 2 "$NAME" "$a" "${args[@]}"
     stage 3 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
         "configs/experiment/retrieval_probe.yaml $run_configs $lookup/export/model.safetensors" -- \
         fresh "outputs/runs/$NAME-$a" "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
@@ -80,12 +69,18 @@ for a in "${RUNS[@]}"; do
     evals+=" outputs/eval/$NAME-$a/retrieval/results.json"
     runs+=("$run")
     if [[ $a == nsa ]]; then
-        # diagnostic: the same model reading every block of these documents (<= 330 tokens, <= 11 blocks
-        # of 32) instead of its 6: what its top-n block selection costs
+        # diagnostic: the same model reading every block of these documents (<= 480 tokens, <= 15 blocks
+        # of 32) instead of its 10: what its top-n block selection costs
         stage 4 "eval-retrieval-$a-num_select16" "outputs/eval/$NAME-$a-num_select16/retrieval/results.json" \
             "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe.yaml" -- \
             "$PY" -m eval task=retrieval "${RETRIEVAL_ARGS[@]}" checkpoint="$run" +attention.num_select=16 progress=false
     fi
+    # diagnostic: the look-ups on short documents, on words and on single-character symbols (a
+    # passkey's digits are such symbols): configs/eval/retrieval_probe_symbols.yaml
+    stage 4 "eval-retrieval-$a-symbols" "outputs/eval/$NAME-$a-symbols/retrieval/results.json" \
+        "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe_symbols.yaml" -- \
+        "$PY" -m eval task=retrieval eval@retrieval=retrieval_probe_symbols checkpoint="$run" name="$NAME-$a-symbols" \
+        progress=false
 done
 stage 5 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
     "$PY" -m eval.compare "${runs[@]}" --out "$OUT" --summary "$OUT/summary.json"
@@ -96,6 +91,7 @@ if [[ -n ${PROBE_PUBLISH:-} ]]; then
     for a in "${RUNS[@]}"; do
         cp "outputs/eval/$NAME-$a/retrieval/results.json" "$PROBE_PUBLISH/$a-retrieval.json"
         cp "outputs/runs/$NAME-$a/config.yaml" "$PROBE_PUBLISH/$a-config.yaml"
+        cp "outputs/eval/$NAME-$a-symbols/retrieval/results.json" "$PROBE_PUBLISH/$a-symbols-retrieval.json"
     done
     if [[ -f outputs/eval/$NAME-nsa-num_select16/retrieval/results.json ]]; then
         cp "outputs/eval/$NAME-nsa-num_select16/retrieval/results.json" "$PROBE_PUBLISH/nsa-num_select16-retrieval.json"

@@ -82,7 +82,7 @@ case "$2" in
     mkdir -p "outputs/runs/$run/export" && date +%s%N >"outputs/runs/$run/export/model.safetensors"
     echo "attention: $att" >"outputs/runs/$run/config.yaml" ;;
   eval)
-    ck=$(arg checkpoint "$@"); task=$(arg task "$@"); name=${ck##*/}
+    ck=$(arg checkpoint "$@"); task=$(arg task "$@"); name=$(arg name "$@"); name=${name:-${ck##*/}}
     for a in "$@"; do [[ $a == +attention.*=* ]] && a=${a#+attention.} && name+="-${a%%=*}${a#*=}"; done
     mkdir -p "outputs/eval/$name/$task" && date +%s%N >"outputs/eval/$name/$task/results.json" ;;
   eval.compare)
@@ -172,9 +172,17 @@ def test_demo_runs_the_documented_stages_once(tmp_path):
 def test_compare_small_trains_both_then_evaluates(tmp_path):
     root, log, env = _sandbox(tmp_path)
     calls, out = _run(root, "compare_small.sh", env, log)
-    trains = sorted(c for c in calls if c.startswith("-m train"))
-    assert trains == ["-m train experiment=compare_small attention=full",
-                      "-m train experiment=compare_small attention=nsa"]
+    trains = [c for c in calls if c.startswith("-m train")]
+    # first the probe's look-up stage for each run (its stamp in the probe's folder), then the pair,
+    # each from its own stage 1
+    assert trains[:2] == [f"-m train experiment=retrieval_probe_lookup name=retrieval_probe attention={a} "
+                          f"run_name=retrieval_probe_lookup-{a}" for a in ("nsa", "full")]
+    init = "train.init_from=outputs/runs/retrieval_probe_lookup-${attention.kind}"
+    assert sorted(trains[2:]) == [f"-m train experiment=compare_small attention=full {init}",
+                                  f"-m train experiment=compare_small attention=nsa {init}"]
+    assert sorted(p.name for p in (root / "outputs/retrieval_probe/.stamps").iterdir()) == ["lookup-full", "lookup-nsa"]
+    cfg = compose(["experiment=compare_small", "attention=nsa", init])
+    assert cfg.train.init_from == "outputs/runs/retrieval_probe_lookup-nsa"
     evals = [c for c in calls if c.startswith("-m eval ")]
     assert len(evals) == 6 and all("checkpoint=outputs/runs/compare_small-" in c for c in evals)
     assert [c.split()[2] for c in evals] == ["task=ppl"] * 2 + ["task=niah"] * 2 + ["task=retrieval"] * 2
@@ -192,15 +200,18 @@ def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
     """The overrides (and thread count) of the training stage are in its stamp: after a smoke test
     with train.max_steps=20, the run without it trains (and evaluates) again."""
     root, log, env = _sandbox(tmp_path)
+    init = "train.init_from=outputs/runs/retrieval_probe_lookup-${attention.kind}"
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_OVERRIDES": "train.max_steps=20"}, log)
-    assert sorted(c for c in calls if c.startswith("-m train")) == [
-        "-m train experiment=compare_small attention=full train.max_steps=20",
-        "-m train experiment=compare_small attention=nsa train.max_steps=20"]
+    trains = [c for c in calls if c.startswith("-m train")]
+    assert len(trains) == 4 and all(c.endswith(" train.max_steps=20") for c in trains)  # stage 1 too
+    assert sorted(trains[2:]) == [f"-m train experiment=compare_small attention=full {init} train.max_steps=20",
+                                  f"-m train experiment=compare_small attention=nsa {init} train.max_steps=20"]
     calls, _ = _run(root, "compare_small.sh", env, log)
-    assert sorted(c for c in calls if c.startswith("-m train")) == [
-        "-m train experiment=compare_small attention=full", "-m train experiment=compare_small attention=nsa"]
+    trains = [c for c in calls if c.startswith("-m train")]
+    assert len(trains) == 4 and sorted(trains[2:]) == [
+        f"-m train experiment=compare_small attention=full {init}", f"-m train experiment=compare_small attention=nsa {init}"]
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_THREADS": "2"}, log)
-    assert len([c for c in calls if c.startswith("-m train")]) == 2  # other threads: another run
+    assert len([c for c in calls if c.startswith("-m train")]) == 2  # other threads: another pair, same stage 1
 
 
 PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"],
@@ -228,7 +239,14 @@ def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
                 assert att["branches"] == ["win"] and att["window"] == 64
         assert plain["full"] == plain["nsa"] == plain["nsa_window_only"]
     stage1, stage2 = (compose([f"experiment={e}"]) for e in ("retrieval_probe_lookup", "retrieval_probe"))
-    assert stage1.model == stage2.model and stage1.attention == stage2.attention
+    assert stage1.model == stage2.model
+    # the blocks are the same (stage 2 loads stage 1's weights); stage 2 reads more of them: stage 1's
+    # 60-token documents lie inside the forced blocks, where num_select changes nothing
+    from train.model.pretrained import SPARSITY_KEYS
+
+    a1, a2 = (OmegaConf.to_container(s.attention) for s in (stage1, stage2))
+    assert {k: v for k, v in a1.items() if k != "num_select"} == {k: v for k, v in a2.items() if k != "num_select"}
+    assert "num_select" in SPARSITY_KEYS and a2["num_select"] >= a1["num_select"]
     assert stage1.data.name != stage2.data.name and stage2.train.init_from is None  # the script sets it
     comps = stage2.data.source.components
     long_ones = [c.source for c in comps if c.source.max_filler_chars >= 900]
@@ -245,13 +263,18 @@ def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
         f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} run_name=retrieval_probe-{run} "
         f"train.init_from=outputs/runs/retrieval_probe_lookup-{run}")]
     evals = [c for c in calls if c.startswith("-m eval ")]
-    # every run once, and the NSA run again reading every block (what its selection costs)
+    # every run on the probe's documents and on the symbols diagnostic, the NSA run also reading every
+    # block (what its selection costs)
     assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
-        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(2 if run == "nsa" else 1)]
+        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(3 if run == "nsa" else 2)]
     assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals)
     assert sum("+attention.num_select=16" in c for c in evals) == 1
+    assert [c.split("name=")[1].split()[0] for c in evals if "eval@retrieval=retrieval_probe_symbols" in c] == [
+        f"retrieval_probe-{run}-symbols" for run in PROBE_RUNS]
     assert calls[-1].startswith("-m eval.compare outputs/runs/retrieval_probe-full outputs/runs/retrieval_probe-nsa "
                                 "outputs/runs/retrieval_probe-nsa_window_only --out outputs/retrieval_probe "
                                 "--summary outputs/retrieval_probe/summary.json")
     calls, _ = _run(root, "retrieval_probe.sh", env, log)
     assert calls == []  # everything up to date
+    calls, _ = _run(root, "compare_small.sh", env, log)  # its stage 1 is the probe's: trained once
+    assert [c.split()[2] for c in calls if c.startswith("-m train")] == ["experiment=compare_small"] * 2
