@@ -20,7 +20,8 @@
 #
 # A stage is skipped when its outputs exist and its stamp (outputs/demo/.stamps/) records the same
 # command and input fingerprint, so a second `make demo` redoes nothing; `rm -r outputs/demo/.stamps`
-# forces a rerun (training then resumes from its final checkpoint). On a CUDA machine the same
+# forces a rerun (training then resumes from its final checkpoint; after a change of its config or
+# overrides a pair trains from scratch). On a CUDA machine the same
 # command trains there in bf16 (device=auto; attention.backend=null picks the Triton kernels).
 # Environment: PYTHON (interpreter, default .venv/bin/python); DEMO_OVERRIDES (extra
 # `python -m train` overrides for every run, e.g. "train.max_steps=20" for a smoke test).
@@ -39,23 +40,30 @@ fingerprint() {
 # stage NUM NAME "OUTPUT PATHS" "INPUT FILES" -- COMMAND...: run COMMAND unless every output exists
 # and the stamp $STAMPS/NAME holds the same command + input fingerprint; appends the stage's wall
 # seconds and CPU seconds (user+sys of its processes) to $TIMES. Needs STAMPS, TIMES, STAGES.
+# COMMAND sees STAGE_STALE=1 when the stamp records another command or other inputs (what it made
+# before is out of date: a training run must start over) and 0 when there is no stamp (the stage
+# never finished: a training run resumes).
 stage() {
     local num=$1 name=$2 outputs=$3 inputs=$4
     shift 5
-    local key stamp=$STAMPS/$name done=1 f
+    local key stamp=$STAMPS/$name done=1 f stale=0
     # shellcheck disable=SC2086  # inputs/outputs are space-separated path lists
     key="$* | $(fingerprint $inputs)"
     for f in $outputs; do [[ -e $f ]] || done=0; done
-    if [[ $done == 1 && -f $stamp && "$(cat "$stamp")" == "$key" ]]; then
-        echo "== [$num/$STAGES] $name: up to date, skipped"
-        return
+    if [[ -f $stamp && "$(cat "$stamp")" == "$key" ]]; then
+        if [[ $done == 1 ]]; then
+            echo "== [$num/$STAGES] $name: up to date, skipped"
+            return
+        fi
+    elif [[ -f $stamp ]]; then
+        stale=1
     fi
     echo "== [$num/$STAGES] $name: $*"
     local t0 c0 c1
     t0=$(date +%s)
     _child_cpu
     c0=$CPU_NOW
-    "$@"
+    STAGE_STALE=$stale "$@"
     _child_cpu
     c1=$CPU_NOW
     local dt=$(( $(date +%s) - t0 ))
@@ -162,12 +170,16 @@ _any_alive() {
 # side finish sooner than one 2-thread run after the other, and see the same machine), with the
 # same extra overrides; logs in $OUT/train-EXPERIMENT-<a>.log, their steps printed every minute. Its
 # arguments are part of the stage's stamp, so a run with other overrides (a smoke test) is never
-# taken for this one.
+# taken for this one; under a stale stamp (STAGE_STALE=1) the runs' folders are removed first, so
+# they start over instead of resuming a run trained with other settings.
 train_both() {
     local name=$1 threads=$2
     shift 2
     local pids=() a rc=0 t=0 t0 first=outputs/runs/$name-${RUNS[0]}/metrics.jsonl
     t0=$(date +%s)
+    if [[ ${STAGE_STALE:-0} == 1 ]]; then  # trained before with another config: never resume that
+        for a in "${RUNS[@]}"; do rm -rf "outputs/runs/$name-$a"; done
+    fi
     for a in "${RUNS[@]}"; do
         OMP_NUM_THREADS=$threads "$PY" -m train experiment="$name" attention="$a" "$@" \
             >"$OUT/train-$name-$a.log" 2>&1 &

@@ -198,7 +198,7 @@ def test_compare_small_trains_both_then_evaluates(tmp_path):
 
 def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
     """The overrides (and thread count) of the training stage are in its stamp: after a smoke test
-    with train.max_steps=20, the run without it trains (and evaluates) again."""
+    with train.max_steps=20, the run without it trains (and evaluates) again, from scratch."""
     root, log, env = _sandbox(tmp_path)
     init = "train.init_from=outputs/runs/retrieval_probe_lookup-${attention.kind}"
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_OVERRIDES": "train.max_steps=20"}, log)
@@ -206,12 +206,23 @@ def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
     assert len(trains) == 4 and all(c.endswith(" train.max_steps=20") for c in trains)  # stage 1 too
     assert sorted(trains[2:]) == [f"-m train experiment=compare_small attention=full {init} train.max_steps=20",
                                   f"-m train experiment=compare_small attention=nsa {init} train.max_steps=20"]
+    # the smoke runs' checkpoints must not be resumed by the real runs: their folders go first
+    marks = [root / f"outputs/runs/compare_small-{a}/checkpoints/step_00000020" for a in ("nsa", "full")]
+    for m in marks:
+        m.mkdir(parents=True)
     calls, _ = _run(root, "compare_small.sh", env, log)
     trains = [c for c in calls if c.startswith("-m train")]
     assert len(trains) == 4 and sorted(trains[2:]) == [
         f"-m train experiment=compare_small attention=full {init}", f"-m train experiment=compare_small attention=nsa {init}"]
+    assert not any(m.exists() for m in marks)
     calls, _ = _run(root, "compare_small.sh", {**env, "COMPARE_THREADS": "2"}, log)
     assert len([c for c in calls if c.startswith("-m train")]) == 2  # other threads: another pair, same stage 1
+    # a stage that never finished (no stamp) resumes: its runs' folders stay
+    (root / "outputs/compare_small/.stamps/train").unlink()
+    for m in marks:
+        m.mkdir(parents=True)
+    calls, _ = _run(root, "compare_small.sh", env, log)
+    assert len([c for c in calls if c.startswith("-m train")]) == 2 and all(m.exists() for m in marks)
 
 
 PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"],
