@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NSA vs full attention, the longer CPU experiment (about 40 minutes on 2 cores; 70 before the fused CPU op):
+# NSA vs full attention, the longer CPU experiment (about 45 minutes on 2 cores after the probe's stage 1):
 #
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
 #   2 lookup-<a>  python -m train experiment=retrieval_probe_lookup attention=<a> run_name=retrieval_probe_lookup-<a>
