@@ -7,11 +7,14 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup test test-all lint demo bench clean
 
 # torch is pinned in pyproject.toml and resolved in the same pip command as
-# deepspeed, so deepspeed never pulls a multi-GB CUDA torch on a CPU machine.
+# deepspeed, so deepspeed never pulls a multi-GB CUDA torch on a CPU machine. The fused CPU op
+# (nsa/ops/cpu_build.py) is compiled here for this CPU, not inside the first test or run.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
+	@echo "building the fused CPU op (once, ~30 s; without a compiler: one warning, the torch paths)"
+	$(PY) -c "from nsa.ops import cpu_build; cpu_build.load()"
 	touch $(STAMP)
 
 setup: $(STAMP)
