@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from eval.checkpoint import CheckpointInfo, resolve_checkpoint
+from train.model.config import SPARSITY_KEYS
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -32,7 +33,7 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 # NSA settings that hold no weights, so a trained model runs with other values (e.g. reading more
 # selected blocks than in training, to see whether block selection limits a result)
-INFERENCE_ATTENTION_KEYS = ("num_select", "num_init", "num_local", "window", "backend")
+INFERENCE_ATTENTION_KEYS = (*SPARSITY_KEYS, "backend")
 
 
 def override_attention(model, overrides: Mapping) -> None:

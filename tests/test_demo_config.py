@@ -253,7 +253,7 @@ def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
     assert stage1.model == stage2.model
     # the blocks are the same (stage 2 loads stage 1's weights); stage 2 reads more of them: stage 1's
     # 60-token documents lie inside the forced blocks, where num_select changes nothing
-    from train.model.pretrained import SPARSITY_KEYS
+    from train.model.config import SPARSITY_KEYS
 
     a1, a2 = (OmegaConf.to_container(s.attention) for s in (stage1, stage2))
     assert {k: v for k, v in a1.items() if k != "num_select"} == {k: v for k, v in a2.items() if k != "num_select"}

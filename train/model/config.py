@@ -141,6 +141,12 @@ class ModelConfig:
         return _from_dict(cls, data, "model")
 
 
+# NSA settings that choose which keys a query reads, not what any weight computes (the compression,
+# block_len / stride, and the selection blocks, select_len, fix what phi and the block scores mean):
+# a model may be evaluated (eval.lm.override_attention) or trained on (train.init_from) with others.
+SPARSITY_KEYS = ("num_select", "num_init", "num_local", "window")
+
+
 @dataclass
 class AttentionConfig:
     """``kind`` "full" (GQA softmax attention) or "nsa"; the NSA settings use the

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from train.model.config import AttentionConfig, ModelConfig
+from train.model.config import SPARSITY_KEYS, AttentionConfig, ModelConfig
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 
@@ -73,11 +73,6 @@ def resolve_export(path) -> Path:
         if (cand / WEIGHTS).is_file() and (cand / CONFIG).is_file():
             return cand
     raise ValueError(f"{path} is not an export folder (no {WEIGHTS} and {CONFIG}) nor a run dir with export/")
-
-
-# NSA settings that choose which keys a query reads, not what any weight computes: the compression
-# (block_len, stride) and the selection blocks (select_len) fix what phi and the block scores mean.
-SPARSITY_KEYS = ("num_select", "num_init", "num_local", "window")
 
 
 def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionConfig) -> Path:
