@@ -1,7 +1,7 @@
 """Needle in a haystack: retrieval accuracy on a (context length x needle depth) grid.
 
-A needle (a fact sentence, a passkey number, or RULER-style multi-key / multi-value
-"special magic number" lines) is inserted at a line boundary at relative depth
+A needle (a fact sentence, a passkey number, RULER-style multi-key / multi-value
+"special magic number" lines, or a list of words to copy back) is inserted at a line boundary at relative depth
 ``d`` (0 = start, 1 = end) of a haystack cut at line boundaries from a corpus (by
 default the Python standard library, the training corpus of the pystdlib data
 source). The prompt ``prefix + haystack-with-needle + question`` is built as text and
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NEEDLE_KINDS = ("fact", "passkey", "multikey", "multivalue")
+NEEDLE_KINDS = ("fact", "passkey", "multikey", "multivalue", "copy")
 KEY_WORDS = ("amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jasper",
              "kelp", "lagoon", "meadow", "nickel", "onyx", "pebble", "quartz", "raven", "saffron", "tundra")
 
@@ -64,9 +64,20 @@ def fact_needle(fact: Mapping) -> Needle:
 
 
 def make_needle(kind: str, rng: random.Random, cfg: Mapping) -> Needle:
-    """Draw one needle of ``kind`` (settings in ``cfg``: fact, passkey_digits, num_keys, num_values)."""
+    """Draw one needle of ``kind`` (settings in ``cfg``: fact, passkey_digits, num_keys, num_values,
+    copy_words)."""
     if kind == "fact":
         return fact_needle(cfg.get("fact"))
+    if kind == "copy":
+        # data.synthetic's copy documents with the haystack between the list and its copy: "Copy this
+        # text exactly: <words>" at the depth, "Copy:" as the question, the whole list as the answer
+        from data.synthetic import WORDS
+
+        n = int(cfg.get("copy_words", 8))
+        if not 1 <= n <= len(WORDS):
+            raise ValueError(f"copy_words must be in [1, {len(WORDS)}], got {n}")
+        words = " ".join(rng.sample(WORDS, n))
+        return Needle([f"Copy this text exactly: {words}\n"], "Copy:", [words], "", {"words": n})
     if kind == "passkey":
         digits = int(cfg.get("passkey_digits", 5))
         key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))

@@ -13,7 +13,8 @@
 #   4 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
 #                        (nsa also with +attention.num_select=16: every block, what selection costs;
 #                        every run also with eval@retrieval=retrieval_probe_symbols: words against
-#                        single-character symbols, short documents)
+#                        single-character symbols, short documents), and python -m eval task=niah
+#                        eval@niah=niah_copy (a word list to copy back from a passkey-filler haystack)
 #   5 compare          python -m eval.compare ... --out outputs/retrieval_probe --summary .../summary.json
 #
 # Stages skip like launch/demo.sh's (stamps in outputs/retrieval_probe/.stamps). The runs train one
@@ -60,6 +61,8 @@ done
 
 # held-out documents drawn like the training mixture's long ones (configs/eval/retrieval_probe.yaml)
 RETRIEVAL_ARGS=(eval@retrieval=retrieval_probe)
+NIAH_ARGS=(eval@niah=niah_copy "niah.context_lengths=[256,512,1024]" "niah.depths=[0.0,0.25,0.5,0.75,1.0]"
+           niah.samples_per_cell=2)
 evals="" runs=()
 for a in "${RUNS[@]}"; do
     run=outputs/runs/$NAME-$a
@@ -81,6 +84,12 @@ for a in "${RUNS[@]}"; do
         "$run/export/model.safetensors configs/eval.yaml configs/eval/retrieval.yaml configs/eval/retrieval_probe_symbols.yaml" -- \
         "$PY" -m eval task=retrieval eval@retrieval=retrieval_probe_symbols checkpoint="$run" name="$NAME-$a-symbols" \
         progress=false
+    # needle in a haystack: a word list hidden in the passkey filler, asked for as a copy (a haystack
+    # between list and copy, which no training document has), up to the 1024-token training length
+    stage 4 "eval-niah-$a" "outputs/eval/$NAME-$a/niah/results.json" \
+        "$run/export/model.safetensors configs/eval.yaml configs/eval/niah.yaml configs/eval/niah_copy.yaml" -- \
+        "$PY" -m eval task=niah "${NIAH_ARGS[@]}" checkpoint="$run" progress=false
+    evals+=" outputs/eval/$NAME-$a/niah/results.json"
 done
 stage 5 compare "$OUT/report.md $OUT/summary.json" "$evals" -- \
     "$PY" -m eval.compare "${runs[@]}" --out "$OUT" --summary "$OUT/summary.json"
@@ -92,6 +101,7 @@ if [[ -n ${PROBE_PUBLISH:-} ]]; then
         cp "outputs/eval/$NAME-$a/retrieval/results.json" "$PROBE_PUBLISH/$a-retrieval.json"
         cp "outputs/runs/$NAME-$a/config.yaml" "$PROBE_PUBLISH/$a-config.yaml"
         cp "outputs/eval/$NAME-$a-symbols/retrieval/results.json" "$PROBE_PUBLISH/$a-symbols-retrieval.json"
+        cp "outputs/eval/$NAME-$a/niah/results.json" "$PROBE_PUBLISH/$a-niah.json"
     done
     if [[ -f outputs/eval/$NAME-nsa-num_select16/retrieval/results.json ]]; then
         cp "outputs/eval/$NAME-nsa-num_select16/retrieval/results.json" "$PROBE_PUBLISH/nsa-num_select16-retrieval.json"

@@ -274,11 +274,13 @@ def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
         f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} run_name=retrieval_probe-{run} "
         f"train.init_from=outputs/runs/retrieval_probe_lookup-{run}")]
     evals = [c for c in calls if c.startswith("-m eval ")]
-    # every run on the probe's documents and on the symbols diagnostic, the NSA run also reading every
-    # block (what its selection costs)
+    # every run on the probe's documents, on the symbols diagnostic and on the copy NIAH grid, the NSA
+    # run also reading every block (what its selection costs)
     assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
-        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(3 if run == "nsa" else 2)]
-    assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals)
+        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(4 if run == "nsa" else 3)]
+    niah = [c for c in evals if "task=niah" in c]
+    assert len(niah) == len(PROBE_RUNS) and all("eval@niah=niah_copy" in c for c in niah)
+    assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals if c not in niah)
     assert sum("+attention.num_select=16" in c for c in evals) == 1
     assert [c.split("name=")[1].split()[0] for c in evals if "eval@retrieval=retrieval_probe_symbols" in c] == [
         f"retrieval_probe-{run}-symbols" for run in PROBE_RUNS]

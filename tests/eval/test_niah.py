@@ -20,6 +20,12 @@ def test_needles():
     mv = make_needle("multivalue", rng, CFG)
     assert len(mv.answers) == 3 and all(v in line for v, line in zip(mv.answers, mv.lines, strict=True))
     assert make_needle("fact", rng, CFG).lines == ["The key is blue.\n"]
+    cp = make_needle("copy", rng, dict(CFG, copy_words=8))
+    words = cp.answers[0].split()
+    assert len(set(words)) == 8 and cp.question == "Copy:"
+    assert cp.lines == [f"Copy this text exactly: {cp.answers[0]}\n"]  # data.synthetic's copy wording
+    with pytest.raises(ValueError, match="copy_words must be in"):
+        make_needle("copy", rng, dict(CFG, copy_words=0))
     with pytest.raises(ValueError, match="unknown needle kind"):
         make_needle("haiku", rng, CFG)
 
@@ -99,7 +105,7 @@ def test_corpus_lines(tmp_path):
         niah.corpus_lines(tmp_path / "missing", 10)
 
 
-@pytest.mark.parametrize("kind,samples", [("passkey", 2), ("multivalue", 1)])
+@pytest.mark.parametrize("kind,samples", [("passkey", 2), ("multivalue", 1), ("copy", 1)])
 def test_run_niah_tiny_model(tiny_lm, kind, samples, tmp_path):
     from omegaconf import OmegaConf
 
@@ -210,3 +216,25 @@ def test_documented_overrides_compose(tmp_path):
     kind, tcfg = niah.resolve_needle(tcfg)
     assert kind == "fact" and make_needle(kind, random.Random(0), tcfg).answers == ["heron"]
     assert tcfg["corpus"] == str(tmp_path / "my notes.txt")
+
+
+def test_copy_needle_config_asks_like_the_copy_documents():
+    """eval@niah=niah_copy: the needle says what data.synthetic's copy documents say, in the passkey
+    filler, and the prompt ends where a copy document's answer starts ("...\\nCopy:")."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=["task=niah", "checkpoint_path=x", "eval@niah=niah_copy"])
+    tcfg = OmegaConf.to_container(cfg.niah, resolve=True)
+    kind, tcfg = niah.resolve_needle(tcfg)
+    lm = _MergingLM()
+    hay = Haystack(niah.corpus_lines(tcfg["corpus"], 4000), lambda text: lm.encode(text, bos=False))
+    needle = make_needle(kind, random.Random(0), tcfg)
+    ids = niah.build_sample(lm, hay, needle, 300, 0.5, random.Random(1), tcfg)
+    text = "".join("\nT" if i == 1 else chr(i) for i in ids[1:])
+    assert kind == "copy" and text.endswith("again.\nCopy:")
+    assert f"again. Copy this text exactly: {needle.answers[0]}\nThe grass" in text
