@@ -8,13 +8,18 @@ STAMP  := $(VENV)/.installed
 
 # torch is pinned in pyproject.toml and resolved in the same pip command as
 # deepspeed, so deepspeed never pulls a multi-GB CUDA torch on a CPU machine. The fused CPU op
-# (nsa/ops/cpu_build.py) is compiled here for this CPU, not inside the first test or run.
+# (nsa/ops/cpu_build.py) and DeepSpeed's shared-memory collectives op (which its CPU backend
+# JIT-builds at the first deepspeed.initialize) are compiled here, once per machine, not inside
+# the first test or training run.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
 	@echo "building the fused CPU op (once, ~30 s; without a compiler: one warning, the torch paths)"
 	$(PY) -c "from nsa.ops import cpu_build; cpu_build.load()"
+	@echo "building DeepSpeed's shared-memory comm op (once, ~30 s)"
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" || \
+		echo "warning: DeepSpeed's shm comm op did not build here; DeepSpeed will try again at its first start"
 	touch $(STAMP)
 
 setup: $(STAMP)
