@@ -4,8 +4,7 @@
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
 #   2 lookup-<a>  python -m train experiment=retrieval_probe_lookup attention=<a> run_name=retrieval_probe_lookup-<a>
 #                 (the retrieval probe's stage 1, a = nsa, full: a content look-up learnt on short
-#                 associative-recall and passkey documents, shared with launch/retrieval_probe.sh;
-#                 measured 12 and 23 min)
+#                 associative-recall documents, shared with launch/retrieval_probe.sh; measured 12 and 23 min)
 #   3 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
 #                 python -m train experiment=compare_small attention=full  } (same seed, data order, steps)
 #                 with train.init_from=outputs/runs/retrieval_probe_lookup-<a>
