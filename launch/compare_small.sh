@@ -38,9 +38,10 @@ stage 1 tokenizer outputs/tokenizers/bpe4096.model "configs/tokenizer/bpe4096.ya
 # model formed one on this mixture in 4000 steps: docs/results/compare_small/diagnosis)
 for a in "${RUNS[@]}"; do lookup_stage 2 retrieval_probe "$a" "attention=$a"; done
 TRAIN_CONFIGS="configs/experiment/$NAME.yaml configs/train.yaml configs/model/tiny.yaml configs/data/pystdlib_longctx.yaml"
-TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml $(run_exports retrieval_probe_lookup)"
+LOOKUP=$(lookup_run retrieval_probe)
+TRAIN_CONFIGS+=" configs/attention/nsa.yaml configs/attention/full.yaml $(run_exports "$LOOKUP")"
 stage 3 train "$(run_exports $NAME)" "$TRAIN_CONFIGS" -- train_both $NAME "${COMPARE_THREADS:-1}" "${TRAIN_DEVICE[@]}" \
-    'train.init_from=outputs/runs/retrieval_probe_lookup-${attention.kind}' "${EXTRA[@]}"
+    "train.init_from=outputs/runs/$LOOKUP-\${attention.kind}" "${EXTRA[@]}"
 
 # 1x, 2x and 4x the training length (1024); plain RoPE extrapolation beyond it.
 PPL_ARGS=("ppl.lengths=[1024,2048,4096]" ppl.train_length=1024 ppl.max_windows=16 ppl.num_buckets=16)

@@ -243,11 +243,18 @@ PROBE_CONFIGS+=" configs/schedule/constant.yaml data/synthetic.py"
 lookup_stage() {
     local num=$1 name=$2 run=$3
     shift 3
-    local dir=outputs/runs/${name}_lookup-$run
-    STAMPS=outputs/$name/.stamps stage "$num" "lookup-$run" "$dir/export/model.safetensors" \
+    local prefix
+    prefix=$(lookup_run "$name")
+    STAMPS=outputs/$name/.stamps stage "$num" "lookup-$run" "outputs/runs/$prefix-$run/export/model.safetensors" \
         "configs/experiment/retrieval_probe_lookup.yaml $PROBE_CONFIGS configs/attention/${1#attention=}.yaml" -- \
-        fresh "$dir" "$PY" -m train experiment=retrieval_probe_lookup name="$name" "$@" run_name="${name}_lookup-$run" \
-        "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+        fresh "outputs/runs/$prefix-$run" "$PY" -m train experiment=retrieval_probe_lookup name="$name" "$@" \
+        run_name="$prefix-$run" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
+}
+
+# lookup_run NAME: the run-name prefix of NAME's stage 1 (lookup_stage): its runs are
+# outputs/runs/<prefix>-<run>, where the next stage's train.init_from points
+lookup_run() {
+    echo "${1}_lookup"
 }
 
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0

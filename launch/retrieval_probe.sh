@@ -51,7 +51,7 @@ for a in "${RUNS[@]}"; do
     # inputs of the run's training stages: its own attention config too (an NSA change leaves the
     # full-attention run's stamps valid)
     run_configs="$PROBE_CONFIGS configs/attention/${args[0]#attention=}.yaml"
-    lookup=outputs/runs/${NAME}_lookup-$a
+    lookup=outputs/runs/$(lookup_run "$NAME")-$a
     lookup_stage 2 "$NAME" "$a" "${args[@]}"
     stage 3 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
         "configs/experiment/retrieval_probe.yaml $run_configs $lookup/export/model.safetensors" -- \
