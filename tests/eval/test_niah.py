@@ -200,8 +200,8 @@ def test_user_text_too_short_is_a_clear_error(tiny_lm, tmp_path):
         niah.run_niah(tiny_lm, _user_cfg(tmp_path, context_lengths=[448]), progress=False)
 
 
-def test_documented_overrides_compose(tmp_path):
-    """niah.needle='{needle: ..., question: ..., answer: ...}' and niah.corpus=PATH, as configs/eval/niah.yaml shows."""
+def _composed_needle(*overrides) -> tuple[str, dict]:
+    """``niah.resolve_needle`` of the niah settings that ``python -m eval task=niah OVERRIDES...`` composes."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -209,11 +209,15 @@ def test_documented_overrides_compose(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
-        cfg = compose("eval", overrides=[
-            "task=niah", "checkpoint_path=x", f"niah.corpus={tmp_path / 'my notes.txt'}",
-            'niah.needle={needle: "The code word is heron.", question: "What is the code word?", answer: heron}'])
-    tcfg = OmegaConf.to_container(cfg.niah, resolve=True)
-    kind, tcfg = niah.resolve_needle(tcfg)
+        cfg = compose("eval", overrides=["task=niah", "checkpoint_path=x", *overrides])
+    return niah.resolve_needle(OmegaConf.to_container(cfg.niah, resolve=True))
+
+
+def test_documented_overrides_compose(tmp_path):
+    """niah.needle='{needle: ..., question: ..., answer: ...}' and niah.corpus=PATH, as configs/eval/niah.yaml shows."""
+    kind, tcfg = _composed_needle(
+        f"niah.corpus={tmp_path / 'my notes.txt'}",
+        'niah.needle={needle: "The code word is heron.", question: "What is the code word?", answer: heron}')
     assert kind == "fact" and make_needle(kind, random.Random(0), tcfg).answers == ["heron"]
     assert tcfg["corpus"] == str(tmp_path / "my notes.txt")
 
@@ -221,16 +225,7 @@ def test_documented_overrides_compose(tmp_path):
 def test_copy_needle_config_asks_like_the_copy_documents():
     """eval@niah=niah_copy: the needle says what data.synthetic's copy documents say, in the passkey
     filler, and the prompt ends where a copy document's answer starts ("...\\nCopy:")."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    root = Path(__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
-        cfg = compose("eval", overrides=["task=niah", "checkpoint_path=x", "eval@niah=niah_copy"])
-    tcfg = OmegaConf.to_container(cfg.niah, resolve=True)
-    kind, tcfg = niah.resolve_needle(tcfg)
+    kind, tcfg = _composed_needle("eval@niah=niah_copy")
     lm = _MergingLM()
     hay = Haystack(niah.corpus_lines(tcfg["corpus"], 4000), lambda text: lm.encode(text, bos=False))
     needle = make_needle(kind, random.Random(0), tcfg)
