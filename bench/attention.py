@@ -53,7 +53,8 @@ def nsa_forward(q, k, v, block_len, stride, select_len, num_select, window):
     k_cmp = k.unfold(1, block_len, stride).mean(-1)  # [B, Nc, Hkv, D]: mean of each block
     v_cmp = v.unfold(1, block_len, stride).mean(-1)
     o, _ = nsa.native_sparse_attention(q, k_cmp, v_cmp, k, v, k, v, None, block_len=block_len, stride=stride,
-                                       select_len=select_len, num_select=num_select, window=window)
+                                       select_len=select_len, num_select=num_select, window=window,
+                                       return_selection=False)
     return o
 
 

@@ -248,6 +248,7 @@ def native_sparse_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    return_selection: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NSA's attention output: ``o = sum_c g_c * o_c`` over the ``branches`` that are on (compressed
     ``"cmp"``, selected ``"slc"``, sliding window ``"win"``), the selected branch attending to the
@@ -257,8 +258,9 @@ def native_sparse_attention(
     ``v_slc, v_win [B,T,Hkv,Dv]`` (the same tensors when the branches share K/V; None for a branch
     that is off, the compressed pair also needed when only "slc" is on); ``gates [B,T,H,3]`` (cmp, slc,
     win; None: all 1). Returns ``(o [B,T,H,Dv] in the gates' dtype, idx [B,T,Hkv,num_select] int32 or
-    None without "slc")``. The "torch" and "triton" backends compose the branch ops; "cpu" runs it as
-    one fused op that keeps no per-branch outputs.
+    None without "slc" or with ``return_selection`` False)``. The "torch" and "triton" backends compose
+    the branch ops; "cpu" runs it as one fused op that keeps no per-branch outputs, nor (without
+    ``return_selection``) the selection: its backward selects again.
     """
     if not branches or any(b not in ("cmp", "slc", "win") for b in branches):
         raise ValueError(f"branches must be a non-empty subset of ('cmp', 'slc', 'win'), got {branches!r}")
@@ -284,4 +286,5 @@ def native_sparse_attention(
     fn = _c.backend_fn("native_sparse_attention", _c.resolve_backend(backend, q))
     return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, block_len=block_len, stride=stride,
               select_len=select_len, num_select=num_select, num_init=num_init, num_local=num_local, window=window,
-              branches=tuple(branches), scale=_c.resolve_scale(scale, q.shape[-1]), cu_seqlens=cu_seqlens)
+              branches=tuple(branches), scale=_c.resolve_scale(scale, q.shape[-1]), cu_seqlens=cu_seqlens,
+              return_selection=return_selection)

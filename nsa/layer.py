@@ -281,8 +281,9 @@ class NSAAttention(nn.Module):
         o, idx = nsa.native_sparse_attention(
             q, *compressed, *kv["slc"], *kv["win"], g, block_len=cfg.block_len, stride=cfg.stride,
             select_len=cfg.select_len, num_select=cfg.num_select, num_init=cfg.num_init, num_local=cfg.num_local,
-            window=cfg.window, branches=cfg.branches, cu_seqlens=cu_seqlens, backend=cfg.backend)
-        if self.keep_selection and cu_seqlens is None and idx is not None:
+            window=cfg.window, branches=cfg.branches, cu_seqlens=cu_seqlens, backend=cfg.backend,
+            return_selection=self.keep_selection and cu_seqlens is None)
+        if idx is not None:
             self.last_selection = idx.detach()
         return o, (compressed if compressed[0] is not None else None)  # None lets a cache prefill build its own
 

@@ -22,23 +22,25 @@
 // branch selects, the selected branch reads that selection, and o = sum_c gate_c o_c is written
 // once, with no per-branch output tensor.
 //
-// Backward per query: scores and dP = dO V^T recomputed, P = exp(S - lse), delta = rowsum(P * dP)
+// Backward per query: scores and dP = dO V^T recomputed, and P with them, by the forward's own
+// softmax (its row max and sum come back with the scores, so no lse is kept), delta = rowsum(P * dP)
 // (equal to rowsum(dO * O), so O is not needed; it is also the gate's gradient), dS = gate P
-// (dP - delta + dlse); dQ rows written once, dK / dV rows accumulated. Threads take whole (batch,
-// KV head) pairs when there are enough of them (nothing shared); otherwise each part of a pair's
-// queries accumulates into its own buffer, summed at the end.
+// (dP - delta + dlse); dQ rows written once, dK / dV rows accumulated. The fused backward also
+// selects the blocks again from the recomputed compressed probabilities, in the forward's query
+// groups, so the same bits give the same selection and the forward keeps nothing but its output.
+// Threads take whole (batch, KV head) pairs when there are enough of them (nothing shared);
+// otherwise each part of a pair's queries accumulates into its own buffer, summed at the end.
 //
 // Layouts (contiguous): q, dO [B, T, H, D] (the G heads of a group are adjacent rows); K, V as
 // given, k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] (a head's key rows Hkv D apart: no copies); transposed
 // in tiles of TW keys, kT
 // [B, Hkv, NT, Dk, TW], vT [B, Hkv, NT, Dv, TW] with NT >= S / TW + 1 (a span's scores read one
 // contiguous [D, TW] tile at a time, and whole vectors past a span's end stay inside the
-// tensor); lse [B, T, H] (one branch) or [B, T, H, 3] (fused).
+// tensor); lse [B, T, H] (one branch's output).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <omp.h>
@@ -152,12 +154,24 @@ struct Args {  // one branch's inputs and settings
   int64_t B, T, S, NT, H, Hkv, G, Dk, Dv, n;  // NT: tiles of kT / vT; n: width of idx
   int64_t mode, w, ls, l, d, num_select, num_init, num_local;
   float scale;
+  // idx / sel hold the rows of queries [sel_t0, sel_t0 + QB) of one (b, h) only (a task's own
+  // buffer, [QB, width]) instead of the whole [B, T, Hkv, width]: the fused op's selection when
+  // nothing keeps it
+  bool sel_local;
+  int64_t sel_t0;
 };
+
+constexpr int64_t QB = 16;  // queries per task of the fused op (and per block of a backward part)
+
+// offset of query t's row (KV head h of row b) in a selection of the given width (see Args)
+NSA_INLINE int64_t sel_row(const Args& a, int64_t b, int64_t h, int64_t t, int64_t width) {
+  return a.sel_local ? (t - a.sel_t0) * width : ((b * a.T + t) * a.Hkv + h) * width;
+}
 
 // the selected branch's key spans [st[e], st[e] + ln[e]) of query t in KV head h of row b (its
 // blocks, cut at t, ascending, adjacent ones merged); returns their count
 int64_t selected_spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* st, int64_t* ln) {
-  const int32_t* ix = a.idx + ((b * a.T + t) * a.Hkv + h) * a.n;
+  const int32_t* ix = a.idx + sel_row(a, b, h, t, a.n);
   const int64_t cur = t / a.ls;
   int64_t c = 0;
   for (int64_t e = 0; e < a.n; ++e) {
@@ -295,7 +309,7 @@ void select_query(const Args& a, int64_t b, int64_t h, int64_t t, const float* p
   for (int64_t g = 0; g < a.G; ++g)
     for (int64_t i = 0; i < Nk; ++i) P[span - 1 + i] += p[g * ld + i] * inv[g];
   select_top(P, P + K + span, n_sel, per, span, k, a.num_init, a.num_local, top.data());
-  int32_t* out = a.sel + ((b * a.T + t) * a.Hkv + h) * a.num_select;
+  int32_t* out = a.sel + sel_row(a, b, h, t, a.num_select);
   for (int64_t e = 0; e < a.num_select; ++e) out[e] = e < k ? static_cast<int32_t>(top[e]) : -1;
 }
 
@@ -324,6 +338,18 @@ NSA_INLINE void gather_rows(const Args& a, const float* x, int64_t D, int64_t b,
     std::memcpy(y + (t - t0) * a.G * D, x + ((b * a.T + t) * a.H + h * a.G) * D, a.G * D * sizeof(float));
 }
 
+// the compressed branch's block selection for queries [t0, t0 + Q) from s = exp(S - max) of their
+// rows and w.inv (softmax_lse's; n visible columns in all, 0: none): the same call in the forward
+// and in the backward, which recomputes the selection instead of keeping it
+void select_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, int64_t n, const float* s, Scratch& w) {
+  for (int64_t t = t0; t < t0 + Q; ++t) {
+    int64_t lo, hi;
+    own_range(a, t, lo, hi);
+    select_query(a, b, h, t, s + (t - t0) * a.G * w.ld, w.ld, w.inv.data() + (t - t0) * a.G, n == 0 ? 0 : hi, w.sel,
+                 w.top);
+  }
+}
+
 // one branch's outputs for queries [t0, t0 + Q) of KV head h in row b: w.ob [Q G, Dv], w.lse [Q G];
 // the compressed branch also writes each query's selected blocks when a.sel is set
 void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w) {
@@ -346,23 +372,19 @@ void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Sc
     for (int64_t m = 0; m < M; ++m)
       for (int64_t e = 0; e < a.Dv; ++e) ob[m * a.Dv + e] *= w.inv[m];
   }
-  if (a.sel != nullptr)
-    for (int64_t t = t0; t < t0 + Q; ++t) {
-      int64_t lo, hi;
-      own_range(a, t, lo, hi);
-      select_query(a, b, h, t, s + (t - t0) * a.G * ld, ld, w.inv.data() + (t - t0) * a.G, n == 0 ? 0 : hi, w.sel,
-                   w.top);
-    }
+  if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w);
 }
 
 // ---------------------------------------------------------------------------------------------- backward
 
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
-// [B, T, H, Dk] (+=), dK / dV rows of dkh, dvh ([S, D] of this (b, h); +=). Per global row r:
-// lse[r lds] the forward's; gate[r lgs] the weight of this branch's output in o (null: 1);
-// dgate[r lgs] (if not null) <- rowsum(dO * o_branch) = rowsum(P * dP)
+// [B, T, H, Dk] (+=), dK / dV rows of dkh, dvh ([S, D] of this (b, h); +=). P is recomputed as the
+// forward computed it (the same scores, grouping and softmax_lse), so nothing of the forward is kept:
+// not its lse, and for the compressed branch with a.sel set, not its selection, which is picked
+// again here from those same probabilities. Per global row r: gate[r lgs] the weight of this
+// branch's output in o (null: 1); dgate[r lgs] (if not null) <- rowsum(dO * o_branch) = rowsum(P * dP)
 void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, float* dq, float* dkh,
-                    float* dvh, const float* lse, int64_t lds, const float* gate, float* dgate, int64_t lgs) {
+                    float* dvh, const float* gate, float* dgate, int64_t lgs) {
   const int64_t G = a.G, M = Q * G, bh = b * a.Hkv + h, ld = w.ld, r0 = (b * a.T + t0) * a.H + h * G;
   float *s = w.s.data(), *dp = w.dp.data(), *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
   const int64_t* st = w.st.data();
@@ -372,35 +394,35 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
   const int64_t ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
   const int64_t n = span_scores(qb, M, a.Dk, a.kT + bh * a.NT * a.Dk * TW, ns, st, ln, s, ld, a.scale, kNegInf);
   if (n == 0) {
+    if (a.sel != nullptr) select_group(a, b, h, t0, Q, 0, s, w);
     if (dgate != nullptr)
       for (int64_t m = 0; m < M; ++m) dgate[grow(m) * lgs] = 0.f;
     return;
   }
+  mask_group(a, t0, Q, st[0], n, s, ld);
+  softmax_lse(s, M, n, ld, w.lse.data(), w.inv.data());  // s <- exp(S - max), inv = 1 / sum, as the forward
+  if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w);
   gather_rows(a, a.dout, a.Dv, b, h, t0, Q, db);
   span_scores(db, M, a.Dv, a.vT + bh * a.NT * a.Dv * TW, ns, st, ln, dp, ld, 1.f, 0.f);
-  mask_group(a, t0, Q, st[0], n, s, ld);
   const int64_t nr = (n + W - 1) / W * W;
   for (int64_t m = 0; m < M; ++m) {  // s <- gate P, dp <- dS = gate P (dP - delta)
     float *x = s + m * ld, *y = dp + m * ld;
     const int64_t r = grow(m);
-    const float mx = lse[r * lds], gg = gate != nullptr ? gate[r * lgs] : 1.f;
-    if (mx == kNegInf) {  // nothing visible: no gradient
-      std::fill(x, x + nr, 0.f), std::fill(y, y + nr, 0.f);
+    if (w.lse[m] == kNegInf) {  // nothing visible: no gradient (softmax_lse zeroed x)
+      std::fill(y, y + nr, 0.f);
       if (dgate != nullptr) dgate[r * lgs] = 0.f;
       continue;
     }
     vf acc = vf{};
-    for (int64_t i = 0; i < nr; i += W) {
-      const vf p = vexp(load(x + i) - mx);
-      store(x + i, p);
-      acc += p * load(y + i);
-    }
+    for (int64_t i = 0; i < nr; i += W) acc += load(x + i) * load(y + i);
     float delta = 0.f;
     for (int k = 0; k < W; ++k) delta += acc[k];
+    delta *= w.inv[m];
     if (dgate != nullptr) dgate[r * lgs] = delta;
     if (a.dlse != nullptr) delta -= a.dlse[r];
+    const float pscale = w.inv[m] * (gate != nullptr ? gate[r * lgs] : 1.f);
     for (int64_t i = 0; i < nr; i += W) {
-      const vf p = load(x + i) * gg;
+      const vf p = load(x + i) * pscale;
       store(x + i, p);
       store(y + i, p * (load(y + i) - delta));
     }
@@ -422,7 +444,8 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 
 // Work split of a backward: whole (b, h) pairs per task when there are as many as threads, else
 // `parts` query ranges per pair, each accumulating dK / dV into its own zeroed buffer (floats per
-// task: `per_task`), summed into the outputs by reduce(). cut: the ranges' bounds.
+// task: `per_task`), summed into the outputs by reduce(). cut: the ranges' bounds, multiples of QB
+// (then the backward's query groups are the forward's, and so are their scores to the last bit).
 struct BackwardSplit {
   int64_t parts, tasks, per_task;
   std::vector<int64_t> cut;
@@ -433,7 +456,8 @@ struct BackwardSplit {
     cut.resize(parts + 1);
     for (int64_t p = 0; p <= parts; ++p) {  // compressed alone: equal work, which grows with t
       const double f = static_cast<double>(p) / parts;
-      cut[p] = static_cast<int64_t>(std::llround(T * (work_grows_with_t ? std::sqrt(f) : f)));
+      const double at = T * (work_grows_with_t ? std::sqrt(f) : f) / QB;
+      cut[p] = p == parts ? T : std::min(T, static_cast<int64_t>(std::llround(at)) * QB);
     }
     if (parts > 1) local.assign(tasks * per_task, 0.f);
   }
@@ -492,8 +516,6 @@ void set_selection(Args& a, Tensor& sel, int64_t num_select, int64_t num_init, i
   a.sel = sel.data_ptr<int32_t>(), a.num_select = num_select, a.num_init = num_init, a.num_local = num_local;
 }
 
-constexpr int64_t QB = 16;  // queries per forward task
-
 // one branch: o [B, T, H, Dv], lse [B, T, H] and, for the compressed branch with num_select > 0,
 // the selected blocks [B, T, Hkv, num_select] int32 (else an empty tensor)
 std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& idx,
@@ -530,15 +552,15 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, 
 }
 
 // one branch: dq [B, T, H, Dk], dkh [B, Hkv, S, Dk], dvh [B, Hkv, S, Dv] (head-major) from dout
-// [B, T, H, Dv], lse [B, T, H] and (optional, numel 0 for none) the gradient of lse
+// [B, T, H, Dv] and (optional, numel 0 for none) the gradient of lse
 std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& vT,
-                             const Tensor& idx, const Tensor& dout, const Tensor& lse, const Tensor& dlse, int64_t mode,
-                             int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
+                             const Tensor& idx, const Tensor& dout, const Tensor& dlse, int64_t mode, int64_t window,
+                             int64_t select_len, int64_t block_len, int64_t stride, double scale) {
   Args a = make_args(q, k, kT, v, idx, mode, window, select_len, block_len, stride, scale);
-  check_f32(vT, "vT", 5), check_f32(dout, "dout", 4), check_f32(lse, "lse", 3);
+  check_f32(vT, "vT", 5), check_f32(dout, "dout", 4);
   TORCH_CHECK(vT.size(2) == a.NT && vT.size(3) == a.Dv && vT.size(4) == TW && dout.size(3) == a.Dv &&
-                  dout.size(1) == a.T && lse.size(1) == a.T && lse.size(2) == a.H,
-              "nsa attention_cpu: vT, dout or lse shape");
+                  dout.size(1) == a.T && dout.size(2) == a.H,
+              "nsa attention_cpu: vT or dout shape");
   a.vT = vT.data_ptr<float>(), a.dout = dout.data_ptr<float>();
   if (dlse.numel() > 0) {
     check_f32(dlse, "dlse", 3);
@@ -548,7 +570,6 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
   Tensor dkh = at::zeros({a.B, a.Hkv, a.S, a.Dk}, q.options());
   Tensor dvh = at::zeros({a.B, a.Hkv, a.S, a.Dv}, q.options());
   float *dqp = dq.data_ptr<float>(), *dkp = dkh.data_ptr<float>(), *dvp = dvh.data_ptr<float>();
-  const float* lp = lse.data_ptr<float>();
   const int64_t BH = a.B * a.Hkv;
   BackwardSplit split(BH, a.T, a.S * (a.Dk + a.Dv), mode == kCompressed);
   const Args* br[1] = {&a};
@@ -564,7 +585,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
       float* dv = buf != nullptr ? buf + a.S * a.Dk : dvp + bh * a.S * a.Dv;
       for (int64_t t = split.cut[p], Q; t < split.cut[p + 1]; t += Q) {
         Q = group_size(a, t, split.cut[p + 1]);
-        backward_group(a, b, h, t, Q, w, dqp, dk, dv, lp, 1, nullptr, nullptr, 0);
+        backward_group(a, b, h, t, Q, w, dqp, dk, dv, nullptr, nullptr, 0);
       }
     }
   }
@@ -583,24 +604,33 @@ struct Fused {
   Args br[3];
   bool on[3] = {false, false, false};  // the branch's output is part of o
   bool run[3] = {false, false, false};  // the branch is computed (compressed: also to select)
+  bool local_sel = false;  // the selection lives in each task's own rows (see Args::sel_local)
+  int64_t num_select = 0;
   const float* gates = nullptr;
 };
 
-// forward: the compressed branch also runs (to select) when only the selected branch is on
+// sel: where the selection is kept, [B, T, Hkv, num_select] int32, or [B, T, Hkv, 0] for none (each
+// task then keeps its own queries' rows only; the backward always does)
 Fused make_fused(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
-                 const std::vector<Tensor>& v, const Tensor& sel, const std::vector<bool>& on, const Tensor& gates,
-                 int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale, bool forward) {
+                 const std::vector<Tensor>& v, Tensor& sel, const std::vector<bool>& on, const Tensor& gates,
+                 int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale,
+                 int64_t num_select, int64_t num_init, int64_t num_local) {
   TORCH_CHECK(k.size() == 3 && kT.size() == 3 && v.size() == 3 && on.size() == 3,
               "nsa attention_cpu: three branches (compressed, selected, window)");
   Fused f;
   const int64_t modes[3] = {kCompressed, kSelected, kWindow};
   for (int c = 0; c < 3; ++c) {
     f.on[c] = on[c];
-    f.run[c] = on[c] || (forward && c == 0 && on[1]);
+    f.run[c] = on[c] || (c == 0 && on[1]);
     if (f.run[c])
       f.br[c] = make_args(q, k[c], kT[c], v[c], sel, modes[c], window, select_len, block_len, stride, scale);
   }
   TORCH_CHECK(f.run[0] || f.run[1] || f.run[2], "nsa attention_cpu: no branch is on");
+  if (on[1]) {
+    set_selection(f.br[0], sel, num_select, num_init, num_local);
+    f.local_sel = sel.size(3) == 0, f.num_select = num_select, f.br[1].n = num_select;
+    TORCH_CHECK(f.local_sel || sel.size(3) == num_select, "nsa attention_cpu: selection width");
+  }
   if (gates.numel() > 0) {
     check_f32(gates, "gates", 4);
     TORCH_CHECK(gates.size(0) == q.size(0) && gates.size(1) == q.size(1) && gates.size(2) == q.size(2) &&
@@ -611,45 +641,62 @@ Fused make_fused(const Tensor& q, const std::vector<Tensor>& k, const std::vecto
   return f;
 }
 
-// o [B, T, H, Dv], lse [B, T, H, 3] (per branch; -inf for a branch not run), the selected blocks
-// [B, T, Hkv, num_select] int32 (empty when the selected branch is off)
+// One thread's copies of the branches' settings, its selection rows pointed at its own buffer when
+// the selection is not kept; at(t0) sets the first query of its current task.
+struct ThreadBranches {
+  Args br[3];
+  std::vector<int32_t> rows;
+  explicit ThreadBranches(const Fused& f) : br{f.br[0], f.br[1], f.br[2]} {
+    if (!f.local_sel) return;
+    rows.resize(QB * f.num_select);
+    br[0].sel = rows.data(), br[1].idx = rows.data(), br[0].sel_local = br[1].sel_local = true;
+  }
+  void at(int64_t t0) { br[0].sel_t0 = br[1].sel_t0 = t0; }
+};
+
+// o [B, T, H, Dv] and the selected blocks [B, T, Hkv, num_select] int32 when keep_selection (else,
+// or when the selected branch is off, an empty tensor). Nothing else is kept for the backward: it
+// recomputes each branch's probabilities and the selection (backward_group).
 std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
                                 const std::vector<Tensor>& v, const std::vector<bool>& on, const Tensor& gates,
                                 int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale,
-                                int64_t num_select, int64_t num_init, int64_t num_local) {
+                                int64_t num_select, int64_t num_init, int64_t num_local, bool keep_selection) {
   check_f32(q, "q", 4);
+  TORCH_CHECK(on.size() == 3, "nsa attention_cpu: three branches (compressed, selected, window)");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  const bool select = on.size() == 3 && on[1];
-  Tensor sel = at::empty({select ? B : 0, T, select ? k[1].size(2) : 0, num_select}, q.options().dtype(at::kInt));
-  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, true);
+  const bool select = on[1], keep = select && keep_selection;
+  Tensor sel = at::empty({select ? B : 0, T, select ? k[1].size(2) : 0, keep ? num_select : 0},
+                         q.options().dtype(at::kInt));
+  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, num_select,
+                       num_init, num_local);
   const Args& a0 = f.run[0] ? f.br[0] : f.br[2];
-  if (select) set_selection(f.br[0], sel, num_select, num_init, num_local);
   const int64_t G = a0.G, Hkv = a0.Hkv, Dv = a0.Dv;
   Tensor o = at::empty({B, T, H, Dv}, q.options());
-  Tensor lse = at::full({B, T, H, 3}, kNegInf, q.options());
-  float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float* op = o.data_ptr<float>();
   const int64_t nq = (T + QB - 1) / QB, tasks = B * Hkv * nq;
   const Args* br[3] = {f.run[0] ? &f.br[0] : nullptr, f.run[1] ? &f.br[1] : nullptr, f.run[2] ? &f.br[2] : nullptr};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
     w.init(br, 3);
+    ThreadBranches mine(f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t bh = i / nq, b = bh / Hkv, h = bh % Hkv, t0 = (i % nq) * QB, t1 = std::min(T, t0 + QB);
+      mine.at(t0);
       for (int64_t t = t0; t < t1; ++t) {
         float* rows = op + ((b * T + t) * H + h * G) * Dv;
         std::fill(rows, rows + G * Dv, 0.f);
       }
       for (int c = 0; c < 3; ++c) {  // compressed first: it selects the blocks the selected branch reads
         if (!f.run[c]) continue;
+        const Args& a = mine.br[c];
         for (int64_t t = t0, Q; t < t1; t += Q) {
-          Q = group_size(f.br[c], t, t1);
-          attend_group(f.br[c], b, h, t, Q, w);
+          Q = group_size(a, t, t1);
+          attend_group(a, b, h, t, Q, w);
+          if (!f.on[c]) continue;
           for (int64_t m = 0; m < Q * G; ++m) {
             const int64_t r = (b * T + t + m / G) * H + h * G + m % G;
-            lp[r * 3 + c] = w.lse[m];
-            if (!f.on[c]) continue;
             const float gg = f.gates != nullptr ? f.gates[r * 3 + c] : 1.f;
             float* out = op + r * Dv;
             const float* ob = w.ob.data() + m * Dv;
@@ -659,20 +706,24 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
       }
     }
   }
-  return {o, lse, sel};
+  return {o, sel};
 }
 
 // dq [B, T, H, Dk]; per branch dkh[c] [B, Hkv, S_c, Dk], dvh[c] (undefined for a branch that is off);
-// dgates [B, T, H, 3] (zeros for an off branch). vT: per branch, as kT.
+// dgates [B, T, H, 3] (zeros for an off branch). vT: per branch, as kT (the compressed branch's also
+// when only the selected branch is on: it selects again here).
 std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, const std::vector<Tensor>& kT,
-                                 const std::vector<Tensor>& v, const std::vector<Tensor>& vT, const Tensor& sel,
-                                 const std::vector<bool>& on, const Tensor& gates, const Tensor& dout, const Tensor& lse,
-                                 int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
-  check_f32(q, "q", 4), check_f32(dout, "dout", 4), check_f32(lse, "lse", 4);
-  TORCH_CHECK(vT.size() == 3, "nsa attention_cpu: three vT");
-  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, false);
+                                 const std::vector<Tensor>& v, const std::vector<Tensor>& vT,
+                                 const std::vector<bool>& on, const Tensor& gates, const Tensor& dout, int64_t window,
+                                 int64_t select_len, int64_t block_len, int64_t stride, double scale,
+                                 int64_t num_select, int64_t num_init, int64_t num_local) {
+  check_f32(q, "q", 4), check_f32(dout, "dout", 4);
+  TORCH_CHECK(vT.size() == 3 && on.size() == 3, "nsa attention_cpu: three vT");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  const Args& a0 = f.run[0] ? f.br[0] : f.run[1] ? f.br[1] : f.br[2];
+  Tensor sel = at::empty({on[1] ? B : 0, T, on[1] ? k[1].size(2) : 0, 0}, q.options().dtype(at::kInt));
+  Fused f = make_fused(q, k, kT, v, sel, on, gates, window, select_len, block_len, stride, scale, num_select,
+                       num_init, num_local);
+  const Args& a0 = f.run[0] ? f.br[0] : f.br[2];
   const int64_t G = a0.G, Hkv = a0.Hkv, Dk = a0.Dk, BH = B * Hkv;
   Tensor dq = at::zeros({B, T, H, Dk}, q.options());
   Tensor dgates = at::zeros({B, T, H, 3}, q.options());
@@ -687,15 +738,15 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
     dkh[c] = at::zeros({B, Hkv, a.S, a.Dk}, q.options()), dvh[c] = at::zeros({B, Hkv, a.S, a.Dv}, q.options());
     offset[c] = per_task, per_task += a.S * (a.Dk + a.Dv);
   }
-  TORCH_CHECK(dout.size(1) == T && dout.size(3) == a0.Dv && lse.size(3) == 3, "nsa attention_cpu: dout or lse shape");
+  TORCH_CHECK(dout.size(1) == T && dout.size(2) == H && dout.size(3) == a0.Dv, "nsa attention_cpu: dout shape");
   BackwardSplit split(BH, T, per_task, false);
   float *dqp = dq.data_ptr<float>(), *dgp = dgates.data_ptr<float>();
-  const float* lp = lse.data_ptr<float>();
-  const Args* br[3] = {f.on[0] ? &f.br[0] : nullptr, f.on[1] ? &f.br[1] : nullptr, f.on[2] ? &f.br[2] : nullptr};
+  const Args* br[3] = {f.run[0] ? &f.br[0] : nullptr, f.run[1] ? &f.br[1] : nullptr, f.run[2] ? &f.br[2] : nullptr};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
     w.init(br, 3);
+    ThreadBranches mine(f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < split.tasks; ++i) {
       const int64_t bh = i / split.parts, p = i % split.parts, b = bh / Hkv, h = bh % Hkv;
@@ -707,14 +758,21 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
         dk[c] = buf != nullptr ? buf + offset[c] : dkh[c].data_ptr<float>() + bh * a.S * a.Dk;
         dv[c] = buf != nullptr ? buf + offset[c] + a.S * a.Dk : dvh[c].data_ptr<float>() + bh * a.S * a.Dv;
       }
+      // the forward's query blocks (split.cut are multiples of QB), compressed first: it selects again
       for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += QB) {
         const int64_t t1 = std::min(split.cut[p + 1], t0 + QB);
+        mine.at(t0);
         for (int c = 0; c < 3; ++c) {
-          if (!f.on[c]) continue;
+          if (!f.run[c]) continue;
+          const Args& a = mine.br[c];
           const float* gate = f.gates != nullptr ? f.gates + c : nullptr;
           for (int64_t t = t0, Q; t < t1; t += Q) {
-            Q = group_size(f.br[c], t, t1);
-            backward_group(f.br[c], b, h, t, Q, w, dqp, dk[c], dv[c], lp + c, 3, gate, dgp + c, 3);
+            Q = group_size(a, t, t1);
+            if (f.on[c]) {
+              backward_group(a, b, h, t, Q, w, dqp, dk[c], dv[c], gate, dgp + c, 3);
+            } else {
+              attend_group(a, b, h, t, Q, w);  // the compressed branch, off: only its selection
+            }
           }
         }
       }
@@ -738,7 +796,7 @@ void bind_attention(pybind11::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &backward, "gradients of one NSA branch: dq, dk, dv (dk, dv head-major [B, Hkv, S, D])",
         py::call_guard<py::gil_scoped_release>());
-  m.def("nsa_forward", &nsa_forward, "the three branches gated and summed: o, lse per branch, selected blocks",
+  m.def("nsa_forward", &nsa_forward, "the three branches gated and summed: o and (if kept) the selected blocks",
         py::call_guard<py::gil_scoped_release>());
   m.def("nsa_backward", &nsa_backward, "gradients of the gated sum: dq, per-branch dk / dv, dgates",
         py::call_guard<py::gil_scoped_release>());

@@ -5,8 +5,9 @@ branch; :class:`NativeSparseAttention` is all three and their gated sum in one p
 Per query and KV head the op attends the G query heads of the group to a few contiguous key
 spans (the window; the selected blocks, cut at the query; the visible compressed blocks) and,
 for the compressed branch, also picks the selected blocks from its probabilities. The backward
-recomputes each query's probabilities from ``lse`` and needs neither ``o`` nor any per-branch
-copy of it (``delta = rowsum(P * dP)``), so only the inputs and ``lse`` are kept. The torch
+recomputes each query's scores and probabilities (and, fused, the selection) exactly as the
+forward computed them and needs neither ``o`` nor any per-branch copy of it (``delta = rowsum(P *
+dP)``), so only the inputs are kept: no ``lse``, no selection. The torch
 references in ``nsa/ops/<op>/reference.py`` are the oracle (tests/nsa/test_attention_cpu.py).
 """
 
@@ -61,7 +62,7 @@ class BranchAttention(torch.autograd.Function):
         kc, kt, vc, _ = _layouts(k, v, False)
         ix = _NO_INDEX if idx is None else idx
         o, lse, sel = cpu_build.require().attention_forward(q, kc, kt, vc, ix, mode, *params, *select)
-        ctx.save_for_backward(q, k, v, idx, lse)
+        ctx.save_for_backward(q, k, v, idx)
         ctx.mode, ctx.params = mode, params
         ctx.mark_non_differentiable(sel)
         ctx.set_materialize_grads(False)
@@ -69,7 +70,7 @@ class BranchAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse, _):
-        q, k, v, idx, lse = ctx.saved_tensors
+        q, k, v, idx = ctx.saved_tensors
         if do is None and dlse is None:
             return None, None, None, None, None, None, None
         B, T, H, _ = q.shape
@@ -77,8 +78,7 @@ class BranchAttention(torch.autograd.Function):
         dlse = _NO_INDEX.float() if dlse is None else dlse.contiguous()
         kc, kt, vc, vt = _layouts(k, v, True)
         ix = _NO_INDEX if idx is None else idx
-        dq, dkh, dvh = cpu_build.require().attention_backward(q, kc, kt, vc, vt, ix, do, lse, dlse, ctx.mode,
-                                                               *ctx.params)
+        dq, dkh, dvh = cpu_build.require().attention_backward(q, kc, kt, vc, vt, ix, do, dlse, ctx.mode, *ctx.params)
         return dq, dkh.transpose(1, 2), dvh.transpose(1, 2), None, None, None, None
 
 
@@ -122,44 +122,47 @@ def _branch_layouts(pairs, run, with_vt: bool):
 
 
 class NativeSparseAttention(torch.autograd.Function):
-    """``(o [B,T,H,Dv], selected blocks [B,T,Hkv,n] int32)``: the three branches gated and summed in one
-    pass per query. Saves the inputs, the per-branch ``lse [B,T,H,3]`` and the selection; gradients for
-    q, every branch's K/V and the gates."""
+    """``(o [B,T,H,Dv], selected blocks [B,T,Hkv,n] int32 or empty)``: the three branches gated and
+    summed in one pass per query. Saves only the inputs (the backward recomputes the probabilities and
+    the selection); gradients for q, every branch's K/V and the gates."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, params, select):
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, params, select, keep_selection):
         q = q.contiguous()
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        kc, kt, vc, _ = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), False)  # compressed selects
+        run = (on[0] or on[1], on[1], on[2])  # the compressed branch also runs to select
+        kc, kt, vc, _ = _branch_layouts(pairs, run, False)
         g = torch.empty(0) if gates is None else gates.contiguous()
-        o, lse, sel = cpu_build.require().nsa_forward(q, kc, kt, vc, list(on), g, *params, *select)
-        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None, lse, sel)
-        ctx.on, ctx.params = on, params
+        o, sel = cpu_build.require().nsa_forward(q, kc, kt, vc, list(on), g, *params, *select, keep_selection)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None)
+        ctx.on, ctx.params, ctx.select = on, params, select
         ctx.mark_non_differentiable(sel)
         ctx.set_materialize_grads(False)
         return o, sel
 
     @staticmethod
     def backward(ctx, do, _):
-        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, sel = ctx.saved_tensors
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = ctx.saved_tensors
         if do is None:
-            return (None,) * 11
+            return (None,) * 12
         on = ctx.on
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        kc, kt, vc, vt = _branch_layouts(pairs, on, True)
+        kc, kt, vc, vt = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), True)
         g = torch.empty(0) if gates is None else gates
-        dq, *dkv, dg = cpu_build.require().nsa_backward(q, kc, kt, vc, vt, sel, list(on), g, do.contiguous(), lse,
-                                                         *ctx.params)
+        dq, *dkv, dg = cpu_build.require().nsa_backward(q, kc, kt, vc, vt, list(on), g, do.contiguous(), *ctx.params,
+                                                         *ctx.select)
         grads = [None if not on[c // 2] else dkv[c].transpose(1, 2) for c in range(6)]
-        return (dq, *grads, dg if gates is not None else None, None, None, None)
+        return (dq, *grads, dg if gates is not None else None, None, None, None, None)
 
 
 @torch.compiler.disable  # a C++ op dynamo cannot trace: run it eagerly, a graph break
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, block_len: int, stride: int,
                             select_len: int, num_select: int, num_init: int, num_local: int, window: int,
-                            scale: float):
-    """One batch of sequences (no ``cu_seqlens``): ``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32)`` (``idx``
-    empty when the selected branch is off). ``on``: (compressed, selected, window) output flags."""
+                            scale: float, return_selection: bool = True):
+    """One batch of sequences (no ``cu_seqlens``): ``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32 or None)``
+    (``idx`` None when the selected branch is off or ``return_selection`` is False: then the op
+    never holds the whole selection). ``on``: (compressed, selected, window) output flags."""
     params = (window, select_len, block_len, stride, scale)
-    return NativeSparseAttention.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, tuple(on), params,
-                                       (num_select, num_init, num_local))
+    o, idx = NativeSparseAttention.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, tuple(on), params,
+                                         (num_select, num_init, num_local), bool(return_selection))
+    return o, (idx if idx.numel() > 0 else None)

@@ -133,15 +133,39 @@ def test_backend_resolution(monkeypatch):
     assert bf.relerr(o, bf.sliding_window_attention(q, k, v, 5, 8**-0.5)) < 1e-12
 
 
-def test_only_inputs_and_lse_are_saved():
-    """The backward needs neither the output nor a copy of it: the graph holds q, k, v (the
-    inputs themselves), the block indices and lse [B, T, H] only."""
+def test_only_inputs_are_saved():
+    """The backward needs neither the output nor a copy of it, nor lse (it recomputes each row's
+    softmax): the graph holds q, k, v (the inputs themselves) and, selected, the block indices."""
     q, k, v, _, _ = bf.make_inputs(1, 40, 4, 2, 16, 16, 8, 4, None, torch.float32, seed=2)
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     o = nsa.sliding_window_attention(q, k, v, window=8, backend="cpu")
     saved = o.grad_fn.saved_tensors
     assert saved[0] is q or saved[0].data_ptr() == q.data_ptr()
-    assert sum(t.numel() for t in saved if t is not None) == q.numel() + k.numel() + v.numel() + 40 * 4
+    assert sum(t.numel() for t in saved if t is not None) == q.numel() + k.numel() + v.numel()
+
+
+def test_fused_op_saves_only_its_inputs_and_can_drop_the_selection():
+    """native_sparse_attention keeps its inputs only (no lse per branch, no selection: its backward
+    selects again); without return_selection it returns no selection, the same output and
+    gradients."""
+    B, T, H, Hkv, Dk, Dv, l, d, ls, n, w = 1, 150, 4, 2, 16, 16, 16, 8, 32, 3, 24
+    q, k, v, kc, vc = bf.make_inputs(B, T, H, Hkv, Dk, Dv, l, d, None, torch.float32, seed=7)
+    gates = torch.rand(B, T, H, 3, generator=torch.Generator().manual_seed(8))
+    dout = torch.randn(B, T, H, Dv, generator=torch.Generator().manual_seed(9))
+    runs = []
+    for keep in (True, False):
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, kc, vc, k, v, gates)]
+        o, idx = nsa.native_sparse_attention(*xs[:5], xs[3], xs[4], xs[5], block_len=l, stride=d, select_len=ls,
+                                             num_select=n, window=w, backend="cpu", return_selection=keep)
+        saved = o.grad_fn.saved_tensors
+        assert sum(t.numel() for t in saved if t is not None) == sum(x.numel() for x in xs) + k.numel() + v.numel()
+        (o * dout).sum().backward()
+        runs.append((o, idx, [x.grad for x in xs]))
+    (o1, idx1, g1), (o2, idx2, g2) = runs
+    assert idx1 is not None and idx1.shape == (B, T, Hkv, n) and idx2 is None
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
 
 
 def _nsa_compare(case, branches=("cmp", "slc", "win"), gated=True, share=False, cu=None, seed=0):

@@ -14,13 +14,15 @@ from nsa.ops.native_sparse_attention.reference import compose
 
 
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len,
-                            num_select, num_init, num_local, window, branches, scale, cu_seqlens):
+                            num_select, num_init, num_local, window, branches, scale, cu_seqlens,
+                            return_selection=True):
     args = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select, num_init=num_init,
                 num_local=num_local, window=window, scale=scale)
     if not attention_cpu.applies(q) or (gates is not None and gates.dtype is not torch.float32):
         return compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, branches=branches, cu_seqlens=cu_seqlens,
-                       backend="torch", **args)
+                       backend="torch", return_selection=return_selection, **args)
     on = tuple(b in branches for b in BRANCHES)
+    keep = return_selection and on[1]
     tensors = [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates]
     present = [i for i, x in enumerate(tensors) if x is not None]
 
@@ -28,12 +30,13 @@ def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, 
         full = [None] * len(tensors)
         for i, x in zip(present, xs, strict=True):
             full[i] = x
-        return attention_cpu.native_sparse_attention(*full, on, **args)
+        o, idx = attention_cpu.native_sparse_attention(*full, on, **args, return_selection=keep)
+        return (o, idx) if keep else o
 
     if cu_seqlens is None:
-        o, idx = run(*(tensors[i] for i in present))
+        out = run(*(tensors[i] for i in present))
     else:
         cmp = [j for j, i in enumerate(present) if i in (1, 2)]
-        o, idx = per_document(run, cu_seqlens, *(tensors[i] for i in present),
-                              cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride), cmp_index=tuple(cmp))
-    return o, (idx if on[1] else None)
+        out = per_document(run, cu_seqlens, *(tensors[i] for i in present),
+                           cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride), cmp_index=tuple(cmp))
+    return out if keep else (out, None)

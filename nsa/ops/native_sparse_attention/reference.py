@@ -18,8 +18,9 @@ def gated_sum(outs, gates, branches):
 
 
 def compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, stride, select_len, num_select,
-            num_init, num_local, window, branches, scale, cu_seqlens, backend):
-    """``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32 or None)`` from the branch ops of ``backend``."""
+            num_init, num_local, window, branches, scale, cu_seqlens, backend, return_selection=True):
+    """``(o [B,T,H,Dv], idx [B,T,Hkv,n] int32 or None)`` from the branch ops of ``backend`` (``idx``
+    None without "slc" or with ``return_selection`` False)."""
     outs, idx = {}, None
     if "cmp" in branches or "slc" in branches:  # selection scores come from the compressed branch
         fn = backend_fn("select_blocks", backend, "compressed_attention_and_select")
@@ -33,7 +34,7 @@ def compose(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, block_len, st
         outs["win"] = backend_fn("sliding_window_attention", backend)(q, k_win, v_win, window=window, scale=scale,
                                                                       cu_seqlens=cu_seqlens)
     o = gated_sum([outs.get(b) for b in BRANCHES], gates, branches)
-    return o, (idx if "slc" in branches else None)
+    return o, (idx if "slc" in branches and return_selection else None)
 
 
 def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw):
