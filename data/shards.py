@@ -150,3 +150,14 @@ class Shard:
 
     def __repr__(self) -> str:
         return f"Shard({str(self.path)!r}, docs={self.num_docs}, tokens={self.num_tokens})"
+
+
+def token_counts(shards, vocab_size: int, chunk: int = 1 << 26) -> np.ndarray:
+    """How often each token id occurs in ``shards`` (:class:`Shard` objects): int64 ``[vocab_size]``,
+    counted ``chunk`` tokens at a time (a memory-mapped shard is never read whole)."""
+    counts = np.zeros(int(vocab_size), dtype=np.int64)
+    for shard in shards:
+        for start in range(0, shard.num_tokens, chunk):
+            part = np.asarray(shard.tokens[start : start + chunk])
+            counts += np.bincount(part, minlength=counts.size)[: counts.size]
+    return counts

@@ -113,6 +113,11 @@ class TrainLoopConfig:
     # init: a curriculum stage, a context extension. Only the weights: optimizer, schedule, data
     # order and step count start afresh. Ignored when the run resumes (its checkpoint has weights).
     init_from: Optional[str] = None
+    # With init_from: re-draw (as a fresh init) the embedding rows of the token ids that never occur
+    # in the training data of the init_from run. For a stage after one on narrow data (synthetic
+    # tasks) on a large vocabulary: with a tied head, Adam drove every id absent there along one
+    # shared direction, so the ids this stage needs would start indistinguishable.
+    init_redraw_unseen_embeddings: bool = False
 
 
 @dataclass

@@ -96,6 +96,26 @@ def prepare_data(cfg, rank: int, log) -> Path:
     return out
 
 
+def _source_token_counts(init_from: str, vocab_size: int):
+    """Per token id, its count in the training shards of the run ``init_from`` names (its run dir,
+    or its export dir inside one): found from the run's config.yaml as that run found them."""
+    from omegaconf import OmegaConf
+
+    from data.loader import resolve_shards
+    from data.shards import Shard, token_counts
+
+    src = Path(init_from)
+    run = src if (src / "config.yaml").is_file() else src.parent
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"train.init_redraw_unseen_embeddings: no config.yaml in {src} or its parent, so "
+                         f"the data that run trained on is unknown")
+    data = _data_dir(OmegaConf.load(run / "config.yaml"))
+    if not (data / "meta.json").is_file():
+        raise ValueError(f"train.init_redraw_unseen_embeddings: {run}'s training data {data} is not there")
+    paths, _ = resolve_shards(data, "train")
+    return token_counts([Shard(p) for p in paths], vocab_size)
+
+
 def build_loader(cfg, data_dir: Path, split: str, rank: int, world_size: int, vocab_size: int, shuffle=True):
     from data.loader import PackedLoader
 
@@ -141,6 +161,11 @@ class Trainer:
 
             src = load_weights(model, cfg.train.init_from, self.model_cfg, self.attn_cfg)
             self.log(f"weights initialised from {src}")
+            if cfg.train.get("init_redraw_unseen_embeddings"):
+                unseen = torch.from_numpy(_source_token_counts(cfg.train.init_from, self.model_cfg.vocab_size) == 0)
+                model.redraw_token_rows(unseen, torch.Generator().manual_seed(int(cfg.seed)))
+                self.log(f"embedding rows of {int(unseen.sum())} of {unseen.numel()} token ids re-drawn: they never "
+                         f"occur in the training data of {cfg.train.init_from}")
         if cfg.train.activation_checkpointing:
             model.set_gradient_checkpointing(True)
         if device == "cuda":

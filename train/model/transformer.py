@@ -153,6 +153,19 @@ class Transformer(nn.Module):
         """NSA's branch gate (``attn.gate_proj``) starts at zero weight, see nsa.layer."""
         return name.endswith("attn.gate_proj")
 
+    @torch.no_grad()
+    def redraw_token_rows(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Re-draw the embedding rows where ``rows [vocab_size]`` (bool) is True from the init
+        distribution (``normal(0, embed_init_std or init_std)``), e.g. ids a previous training
+        stage never saw (the trainer's ``train.init_redraw_unseen_embeddings``)."""
+        if rows.dtype is not torch.bool or tuple(rows.shape) != (self.cfg.vocab_size,):
+            raise ValueError(f"rows must be a bool tensor of shape ({self.cfg.vocab_size},), got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+        std = self.cfg.embed_init_std if self.cfg.embed_init_std is not None else self.cfg.init_std
+        w = self.embed.weight
+        fresh = torch.randn(int(rows.sum()), w.shape[1], generator=generator, dtype=torch.float32) * std
+        w[rows.to(w.device)] = fresh.to(device=w.device, dtype=w.dtype)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (``torch.utils.checkpoint``) to save activations."""
         self.gradient_checkpointing = bool(enabled)
