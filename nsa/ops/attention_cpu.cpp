@@ -350,36 +350,50 @@ void select_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, in
   }
 }
 
-// one branch's outputs for queries [t0, t0 + Q) of KV head h in row b: w.ob [Q G, Dv], w.lse [Q G];
-// the compressed branch also writes each query's selected blocks when a.sel is set
-void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w) {
-  const int64_t M = Q * a.G, bh = b * a.Hkv + h, ld = w.ld;
-  float *s = w.s.data(), *ob = w.ob.data(), *qb = w.qb.data();
-  gather_rows(a, a.q, a.Dk, b, h, t0, Q, qb);
-  const int64_t ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
-  const int64_t n = span_scores(qb, M, a.Dk, a.kT + bh * a.NT * a.Dk * TW, ns, w.st.data(), w.ln.data(), s, ld,
-                                a.scale, kNegInf);
-  std::fill(ob, ob + M * a.Dv, 0.f);
+// The first half of both the forward and the backward of queries [t0, t0 + Q) of KV head h in row
+// b, one code path so that both see the same bits: their q rows into w.qb, their key spans (w.st,
+// w.ln; count into ns), w.s <- exp(S - max) with w.inv = 1 / sum and w.lse (-inf, row zeroed, where
+// nothing is visible), and for the compressed branch with a.sel set the selected blocks. Returns n,
+// the columns of the score rows (0: no key visible to any of them).
+int64_t softmax_rows(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, int64_t& ns) {
+  const int64_t M = Q * a.G, bh = b * a.Hkv + h;
+  float* s = w.s.data();
+  gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
+  ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
+  const int64_t n = span_scores(w.qb.data(), M, a.Dk, a.kT + bh * a.NT * a.Dk * TW, ns, w.st.data(), w.ln.data(),
+                                s, w.ld, a.scale, kNegInf);
   if (n == 0) {
     std::fill(w.lse.begin(), w.lse.begin() + M, kNegInf);
   } else {
-    mask_group(a, t0, Q, w.st[0], n, s, ld);
-    softmax_lse(s, M, n, ld, w.lse.data(), w.inv.data());
-    const int64_t ldv = a.Hkv * a.Dv;  // V rows of head h
-    const float* vh = a.v + b * a.S * ldv + h * a.Dv;
-    for (int64_t e = 0, c = 0; e < ns; c += w.ln[e], ++e)
-      gemm<true>(s + c, ld, 1, vh + w.st[e] * ldv, ldv, w.ln[e], ob, a.Dv, M, a.Dv, 1.f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t e = 0; e < a.Dv; ++e) ob[m * a.Dv + e] *= w.inv[m];
+    mask_group(a, t0, Q, w.st[0], n, s, w.ld);
+    softmax_lse(s, M, n, w.ld, w.lse.data(), w.inv.data());
   }
   if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w);
+  return n;
+}
+
+// one branch's outputs for queries [t0, t0 + Q) of KV head h in row b: w.ob [Q G, Dv], w.lse [Q G];
+// the compressed branch also writes each query's selected blocks when a.sel is set
+void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w) {
+  const int64_t M = Q * a.G, ld = w.ld;
+  float *s = w.s.data(), *ob = w.ob.data();
+  int64_t ns;
+  const int64_t n = softmax_rows(a, b, h, t0, Q, w, ns);
+  std::fill(ob, ob + M * a.Dv, 0.f);
+  if (n == 0) return;
+  const int64_t ldv = a.Hkv * a.Dv;  // V rows of head h
+  const float* vh = a.v + b * a.S * ldv + h * a.Dv;
+  for (int64_t e = 0, c = 0; e < ns; c += w.ln[e], ++e)
+    gemm<true>(s + c, ld, 1, vh + w.st[e] * ldv, ldv, w.ln[e], ob, a.Dv, M, a.Dv, 1.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t e = 0; e < a.Dv; ++e) ob[m * a.Dv + e] *= w.inv[m];
 }
 
 // ---------------------------------------------------------------------------------------------- backward
 
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
 // [B, T, H, Dk] (+=), dK / dV rows of dkh, dvh ([S, D] of this (b, h); +=). P is recomputed as the
-// forward computed it (the same scores, grouping and softmax_lse), so nothing of the forward is kept:
+// forward computed it (softmax_rows, in the same query groups), so nothing of the forward is kept:
 // not its lse, and for the compressed branch with a.sel set, not its selection, which is picked
 // again here from those same probabilities. Per global row r: gate[r lgs] the weight of this
 // branch's output in o (null: 1); dgate[r lgs] (if not null) <- rowsum(dO * o_branch) = rowsum(P * dP)
@@ -390,18 +404,13 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
   const int64_t* st = w.st.data();
   const int64_t* ln = w.ln.data();
   auto grow = [&](int64_t m) { return r0 + (m / G) * a.H + m % G; };  // group row -> global row
-  gather_rows(a, a.q, a.Dk, b, h, t0, Q, qb);
-  const int64_t ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
-  const int64_t n = span_scores(qb, M, a.Dk, a.kT + bh * a.NT * a.Dk * TW, ns, st, ln, s, ld, a.scale, kNegInf);
+  int64_t ns;
+  const int64_t n = softmax_rows(a, b, h, t0, Q, w, ns);  // s <- exp(S - max), as the forward
   if (n == 0) {
-    if (a.sel != nullptr) select_group(a, b, h, t0, Q, 0, s, w);
     if (dgate != nullptr)
       for (int64_t m = 0; m < M; ++m) dgate[grow(m) * lgs] = 0.f;
     return;
   }
-  mask_group(a, t0, Q, st[0], n, s, ld);
-  softmax_lse(s, M, n, ld, w.lse.data(), w.inv.data());  // s <- exp(S - max), inv = 1 / sum, as the forward
-  if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w);
   gather_rows(a, a.dout, a.Dv, b, h, t0, Q, db);
   span_scores(db, M, a.Dv, a.vT + bh * a.NT * a.Dv * TW, ns, st, ln, dp, ld, 1.f, 0.f);
   const int64_t nr = (n + W - 1) / W * W;

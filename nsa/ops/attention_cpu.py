@@ -130,8 +130,8 @@ class NativeSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, on, params, select, keep_selection):
         q = q.contiguous()
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        run = (on[0] or on[1], on[1], on[2])  # the compressed branch also runs to select
-        kc, kt, vc, _ = _branch_layouts(pairs, run, False)
+        ctx.run = (on[0] or on[1], on[1], on[2])  # the compressed branch also runs to select
+        kc, kt, vc, _ = _branch_layouts(pairs, ctx.run, False)
         g = torch.empty(0) if gates is None else gates.contiguous()
         o, sel = cpu_build.require().nsa_forward(q, kc, kt, vc, list(on), g, *params, *select, keep_selection)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None)
@@ -147,7 +147,7 @@ class NativeSparseAttention(torch.autograd.Function):
             return (None,) * 12
         on = ctx.on
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
-        kc, kt, vc, vt = _branch_layouts(pairs, (on[0] or on[1], on[1], on[2]), True)
+        kc, kt, vc, vt = _branch_layouts(pairs, ctx.run, True)
         g = torch.empty(0) if gates is None else gates
         dq, *dkv, dg = cpu_build.require().nsa_backward(q, kc, kt, vc, vt, list(on), g, do.contiguous(), *ctx.params,
                                                          *ctx.select)
@@ -165,4 +165,4 @@ def native_sparse_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, 
     params = (window, select_len, block_len, stride, scale)
     o, idx = NativeSparseAttention.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, tuple(on), params,
                                          (num_select, num_init, num_local), bool(return_selection))
-    return o, (idx if idx.numel() > 0 else None)
+    return o, (idx if return_selection and on[1] else None)
