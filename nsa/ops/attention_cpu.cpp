@@ -118,8 +118,9 @@ template <int R, bool ACC, bool XPAD>
 NSA_INLINE void gemm_rows(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m, float* Y,
                           int64_t ldy, int64_t N, float alpha) {
   int64_t j = 0;
-  for (; j + 4 * W <= N; j += 4 * W) gemm_tile<R, 4, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha);
-  switch ((N - j) / W) {
+  for (; j + kTileVecs * W <= N; j += kTileVecs * W)
+    gemm_tile<R, kTileVecs, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha);
+  switch ((N - j) / W) {  // fewer than kTileVecs vectors left
     case 3: gemm_tile<R, 3, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += 3 * W; break;
     case 2: gemm_tile<R, 2, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += 2 * W; break;
     case 1: gemm_tile<R, 1, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += W; break;

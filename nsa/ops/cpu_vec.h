@@ -1,7 +1,9 @@
 // Vector helpers shared by the fused CPU ops (decode_cpu.cpp, attention_cpu.cpp): GCC's generic
-// vector extension, 16 float lanes (one AVX-512 register; built with -march=native, see
-// nsa/ops/cpu_build.py), an exp for softmax, and the small dot-product / P @ V kernels over the G
-// query heads of one KV group.
+// vector extension, one register wide for the CPU the op is built for (-march=native, see
+// nsa/ops/cpu_build.py): 16 float lanes with AVX-512, 8 with AVX / AVX2, 4 otherwise (SSE, NEON),
+// an exp for softmax, and the small dot-product / P @ V kernels over the G query heads of one KV
+// group. A vector wider than the register splits into several, and register tiles sized for 32
+// AVX-512 registers then spill on a 16-register AVX2 CPU (the op ran 5-7x slower there).
 #pragma once
 
 #include <algorithm>
@@ -14,7 +16,22 @@
 
 namespace nsa_cpu {
 
-constexpr int W = 16;  // lanes of the generic vector type (one AVX-512 register)
+#if defined(__AVX512F__)
+constexpr int W = 16;  // float lanes of the generic vector type: one register
+constexpr int kRegs = 32;  // vector registers
+#elif defined(__AVX__)
+constexpr int W = 8;
+constexpr int kRegs = 16;
+#elif defined(__aarch64__)
+constexpr int W = 4;
+constexpr int kRegs = 32;
+#else
+constexpr int W = 4;
+constexpr int kRegs = 16;
+#endif
+// vectors per row of a 4-row register tile (gemm, P @ V): 4 x 4 accumulators + 4 operands fit 32
+// registers; with 16, 4 x 2 + 2
+constexpr int kTileVecs = kRegs >= 32 ? 4 : 2;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -26,8 +43,10 @@ NSA_INLINE vf load(const float* p) {
 NSA_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 NSA_INLINE vf splat(float x) { return x - vf{}; }  // a broadcast (x + 0 would add first: -0 + 0 = +0)
 
-// lane k of the result = sum of the lanes of a[k] (a 16 x 16 transpose-and-add in 4 shuffle rounds)
-NSA_INLINE vf hsum16(const vf* a) {
+// lane k of the result = sum of the lanes of a[k] (a W x W transpose-and-add in log2 W shuffle
+// rounds: each round adds the two halves of every chunk, packing two vectors' sums into one)
+#if defined(__AVX512F__)
+NSA_INLINE vf hsum(const vf* a) {
   vf t[8], u[4], v[2];
   for (int m = 0; m < 8; ++m)
     t[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
@@ -41,6 +60,27 @@ NSA_INLINE vf hsum16(const vf* a) {
   return __builtin_shuffle(v[0], v[1], vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
          __builtin_shuffle(v[0], v[1], vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
 }
+#elif defined(__AVX__)
+NSA_INLINE vf hsum(const vf* a) {
+  vf t[4], u[2];
+  for (int m = 0; m < 4; ++m)
+    t[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], vi{0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(a[2 * m], a[2 * m + 1], vi{4, 5, 6, 7, 12, 13, 14, 15});
+  for (int m = 0; m < 2; ++m)
+    u[m] = __builtin_shuffle(t[2 * m], t[2 * m + 1], vi{0, 1, 4, 5, 8, 9, 12, 13}) +
+           __builtin_shuffle(t[2 * m], t[2 * m + 1], vi{2, 3, 6, 7, 10, 11, 14, 15});
+  return __builtin_shuffle(u[0], u[1], vi{0, 2, 4, 6, 8, 10, 12, 14}) +
+         __builtin_shuffle(u[0], u[1], vi{1, 3, 5, 7, 9, 11, 13, 15});
+}
+#else
+NSA_INLINE vf hsum(const vf* a) {
+  vf t[2];
+  for (int m = 0; m < 2; ++m)
+    t[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], vi{0, 1, 4, 5}) +
+           __builtin_shuffle(a[2 * m], a[2 * m + 1], vi{2, 3, 6, 7});
+  return __builtin_shuffle(t[0], t[1], vi{0, 2, 4, 6}) + __builtin_shuffle(t[0], t[1], vi{1, 3, 5, 7});
+}
+#endif
 
 // exp(x) for x <= 0 (softmax after the max is subtracted): 2^n * poly(r), Cephes' expf
 // polynomial, ~1 ulp; exactly 0 below -87.3 (where float32 exp leaves the normal range) and at -inf
@@ -107,7 +147,7 @@ NSA_INLINE void scores_rows(const float* q, int64_t Dk, const float* K, int64_t 
         tail[r][k] = x;
       }
     }
-    for (int r = 0; r < R; ++r) store(s + r * lds + i, (hsum16(acc[r]) + load(tail[r])) * scale);
+    for (int r = 0; r < R; ++r) store(s + r * lds + i, (hsum(acc[r]) + load(tail[r])) * scale);
   }
   for (; i < n; ++i) {
     const float* kr = K + i * Dk;
@@ -150,8 +190,8 @@ template <int R>
 NSA_INLINE void pv_rows(const float* p, int64_t ldp, const float* V, int64_t n, int64_t Dv, float* o, int64_t ldo) {
   const int64_t Dw = Dv - Dv % W;
   int64_t c0 = 0;
-  for (; c0 + 4 * W <= Dw; c0 += 4 * W) pv_block<R, 4>(p, ldp, V, n, Dv, c0, o, ldo);
-  switch ((Dw - c0) / W) {
+  for (; c0 + kTileVecs * W <= Dw; c0 += kTileVecs * W) pv_block<R, kTileVecs>(p, ldp, V, n, Dv, c0, o, ldo);
+  switch ((Dw - c0) / W) {  // fewer than kTileVecs vectors left
     case 3: pv_block<R, 3>(p, ldp, V, n, Dv, c0, o, ldo); break;
     case 2: pv_block<R, 2>(p, ldp, V, n, Dv, c0, o, ldo); break;
     case 1: pv_block<R, 1>(p, ldp, V, n, Dv, c0, o, ldo); break;
@@ -168,7 +208,8 @@ NSA_INLINE void pv_rows(const float* p, int64_t ldp, const float* V, int64_t n, 
 template <int R>
 NSA_INLINE void scores_dispatch(const float* q, int64_t Dk, const float* K, int64_t n, float* s, int64_t lds,
                                 float scale) {
-  switch (Dk % W ? 0 : Dk / W) {
+  // the query rows in registers (4 x C of them) only where they fit beside the accumulators
+  switch (Dk % W || Dk / W > kTileVecs ? 0 : Dk / W) {
     case 1: scores_rows<R, 1>(q, Dk, K, n, s, lds, scale); break;
     case 2: scores_rows<R, 2>(q, Dk, K, n, s, lds, scale); break;
     case 3: scores_rows<R, 3>(q, Dk, K, n, s, lds, scale); break;

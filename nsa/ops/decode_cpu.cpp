@@ -4,7 +4,7 @@
 // new token. Built at first use by nsa/ops/cpu_build.py (used by nsa/ops/decode_cpu.py); nsa.cache.decode_token is the reference.
 //
 // Built with -march=native for the CPU it runs on (the build folder's name carries a fingerprint of
-// that CPU); the vector code is GCC's generic vector extension, 16 float lanes.
+// that CPU); the vector code is GCC's generic vector extension, one register wide (cpu_vec.h).
 //
 // Layout: q [B, Hkv, G, Dk]; buffers [B, Hkv, rows, D] contiguous; out [B, Hkv, G, 3, Dv]
 // (branches cmp, slc, win). One (row, KV head) per task of at::parallel_for: the G query heads of
