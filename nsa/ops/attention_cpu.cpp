@@ -130,19 +130,23 @@ NSA_INLINE void gemm_rows(const float* A, int64_t ars, int64_t acs, const float*
 }
 
 // Y [M, N] (row stride ldy) = alpha * A X (+ Y if ACC): A [M, m] read as A[r ars + i acs] (so a
-// transposed operand is just other strides), X [m, N] row-major (row stride ldx)
+// transposed operand is just other strides), X [m, N] row-major (row stride ldx); kTileRows rows at
+// a time (cpu_vec.h), then the rows left
 template <bool ACC, bool XPAD = false>
 void gemm(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m, float* Y, int64_t ldy,
           int64_t M, int64_t N, float alpha) {
-  for (int64_t r = 0; r < M; r += 4) {
-    const float* Ar = A + r * ars;
-    float* Yr = Y + r * ldy;
-    switch (std::min<int64_t>(4, M - r)) {
-      case 4: gemm_rows<4, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-      case 3: gemm_rows<3, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-      case 2: gemm_rows<2, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-      default: gemm_rows<1, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha);
-    }
+  constexpr int RT = kTileRows;
+  int64_t r = 0;
+  for (; r + RT <= M; r += RT) gemm_rows<RT, ACC, XPAD>(A + r * ars, ars, acs, X, ldx, m, Y + r * ldy, ldy, N, alpha);
+  const float* Ar = A + r * ars;
+  float* Yr = Y + r * ldy;
+  switch (M - r) {
+    case 5: gemm_rows<5, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    case 4: gemm_rows<4, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    case 3: gemm_rows<3, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    case 2: gemm_rows<2, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    case 1: gemm_rows<1, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    default: break;
   }
 }
 

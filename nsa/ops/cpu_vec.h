@@ -29,9 +29,12 @@ constexpr int kRegs = 32;
 constexpr int W = 4;
 constexpr int kRegs = 16;
 #endif
-// vectors per row of a 4-row register tile (gemm, P @ V): 4 x 4 accumulators + 4 operands fit 32
-// registers; with 16, 4 x 2 + 2
+// register tiles of the matmuls (gemm in attention_cpu.cpp; P @ V here, with 4 rows): kTileRows x
+// kTileVecs accumulators. 32 registers: 4 x 4 + 4 operands; 16: 6 x 2 + 2 operands + 1 broadcast
+// (twelve independent FMA chains hide the FMA latency on two pipes; 4 x 2 left it exposed: the
+// NSA op at 8k ran ~20% slower forward and forward+backward on AVX2, bench/RESULTS.md)
 constexpr int kTileVecs = kRegs >= 32 ? 4 : 2;
+constexpr int kTileRows = kRegs >= 32 ? 4 : 6;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
