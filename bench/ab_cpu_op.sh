@@ -14,7 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 old=${1:?usage: bench/ab_cpu_op.sh OLD_COMMIT [NEW_COMMIT] [OUT.txt]}
 new=${2:-}
 out=${3:-outputs/bench/ab-$(git rev-parse --short "$old")-${new:-worktree}.txt}
-PY=$(realpath "${PYTHON:-.venv/bin/python}")
+PY=${PYTHON:-.venv/bin/python}
+[[ $PY == /* ]] || PY=$(pwd)/$PY  # absolute, not resolved: a venv's python is a symlink
 tmp=$(mktemp -d)
 trap 'git worktree remove --force "$tmp/old" 2>/dev/null; [[ -n $new ]] && git worktree remove --force "$tmp/new" 2>/dev/null; rm -rf "$tmp"' EXIT
 git worktree add -q --detach "$tmp/old" "$old"
