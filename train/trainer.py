@@ -166,6 +166,9 @@ class Trainer:
                 model.redraw_token_rows(unseen, torch.Generator().manual_seed(int(cfg.seed)))
                 self.log(f"embedding rows of {int(unseen.sum())} of {unseen.numel()} token ids re-drawn: they never "
                          f"occur in the training data of {cfg.train.init_from}")
+        elif cfg.train.get("init_redraw_unseen_embeddings"):  # set by an experiment also run from scratch
+            self.log("train.init_redraw_unseen_embeddings has no effect without train.init_from: every "
+                     "embedding row is already a fresh draw")
         if cfg.train.activation_checkpointing:
             model.set_gradient_checkpointing(True)
         if device == "cuda":

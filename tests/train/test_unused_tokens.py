@@ -125,6 +125,15 @@ def test_init_redraw_needs_the_source_runs_config(dataset, tmp_path):
     assert p.returncode != 0 and "no config.yaml" in p.stdout
 
 
+def test_init_redraw_without_init_from_says_it_does_nothing(dataset, tmp_path):
+    """compare_small sets the flag and is also run from scratch: the run says the flag had no effect
+    instead of passing over it in silence."""
+    p = train(base_overrides(dataset, tmp_path, "scratch") + [
+        "train.max_steps=2", "train.val_every=0", "train.init_redraw_unseen_embeddings=true"])
+    assert "init_redraw_unseen_embeddings has no effect without train.init_from" in p.stdout
+    assert "re-drawn" not in p.stdout
+
+
 def test_probe_stage_2_redraws_what_stage_1_never_saw():
     cfg = yaml.safe_load((CONFIGS / "experiment/retrieval_probe.yaml").read_text())
     assert cfg["train"]["init_redraw_unseen_embeddings"] is True
