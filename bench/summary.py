@@ -1,9 +1,13 @@
-"""One markdown summary of a GPU suite run (bench/gpu_suite.sh), ready for bench/RESULTS.md.
+"""Markdown tables for bench/RESULTS.md, rendered from the benchmarks' JSON (never typed by hand).
 
     python -m bench.summary OUT_DIR [--out OUT_DIR/summary.md]
+    python -m bench.summary --cpu-attention RUN.json... [--cpu-decode DECODE.json...]
 
-Reads what the suite's stages wrote into OUT_DIR (env.txt, stages.txt, kernels.json,
-decode.json, train.json; any may be missing after a failed stage) and prints the tables.
+The first form summarises a GPU suite run (bench/gpu_suite.sh): what its stages wrote into
+OUT_DIR (env.txt, stages.txt, kernels.json, decode.json, train.json; any may be missing after a
+failed stage). The second prints the CPU table of ``bench.attention`` runs (one row per run and
+length, labelled by the file name's last dash-separated part: run1, best3, ...) and, with
+``--cpu-decode``, the decode table of ``bench.decode`` runs.
 """
 
 from __future__ import annotations
@@ -62,6 +66,33 @@ def train_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def _label(path: Path) -> str:
+    return path.stem.rsplit("-", 1)[-1]
+
+
+def cpu_attention_table(paths: list[Path]) -> list[str]:
+    """One row per run and length: wall times, ratios (SDPA / NSA) and peak memory."""
+    lines = ["| run | T | fwd NSA s | fwd SDPA s | fwd x | f+b NSA s | f+b SDPA s | f+b x | "
+             "peak MB fwd NSA / SDPA | peak MB f+b NSA / SDPA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        for r in json.loads(path.read_text())["summary"]:
+            lines.append(
+                f"| {_label(path)} | {r['seqlen']} | {_f(r['fwd_wall_s_nsa'])} | {_f(r['fwd_wall_s_sdpa'])} | "
+                f"{_f(r['fwd_wall_s_ratio'])} | {_f(r['fwd_bwd_wall_s_nsa'])} | {_f(r['fwd_bwd_wall_s_sdpa'])} | "
+                f"{_f(r['fwd_bwd_wall_s_ratio'])} | {_f(r['fwd_peak_mb_nsa'], '.0f')} / {_f(r['fwd_peak_mb_sdpa'], '.0f')} | "
+                f"{_f(r['fwd_bwd_peak_mb_nsa'], '.0f')} / {_f(r['fwd_bwd_peak_mb_sdpa'], '.0f')} |")
+    return lines + [""]
+
+
+def cpu_decode_table(paths: list[Path]) -> list[str]:
+    lines = ["| run | context | full ms | NSA ms | measured | expected (K/V read) |", "|---|---|---|---|---|---|"]
+    for path in paths:
+        for r in json.loads(path.read_text())["results"]:
+            lines.append(f"| {_label(path)} | {r['context']} | {_f(r.get('full_ms'), '.3f')} | "
+                         f"{_f(r.get('nsa_ms'), '.3f')} | {_f(r.get('measured_x'))}x | {_f(r.get('expected_x'))}x |")
+    return lines + [""]
+
+
 def summarize(out_dir: Path) -> str:
     lines = ["# GPU suite summary", ""]
     env = out_dir / "env.txt"
@@ -81,9 +112,19 @@ def summarize(out_dir: Path) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, nargs="?")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cpu-attention", type=Path, nargs="+", default=None, help="bench.attention JSON files")
+    p.add_argument("--cpu-decode", type=Path, nargs="+", default=None, help="bench.decode JSON files")
     args = p.parse_args(argv)
+    if args.cpu_attention or args.cpu_decode:
+        text = "\n".join(cpu_attention_table(args.cpu_attention or []) + cpu_decode_table(args.cpu_decode or []))
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return
+    if args.out_dir is None:
+        p.error("give OUT_DIR (a GPU suite run) or --cpu-attention / --cpu-decode")
     text = summarize(args.out_dir)
     print(text)
     out = args.out or args.out_dir / "summary.md"
