@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not BUILT, reason="the fused CPU ops could not b
 TOL = 1e-5
 
 # B, T, H, Hkv, Dk, Dv, l, d, l', n, w: T not a multiple of any block, G = H / Hkv in 1..16,
-# Dk != Dv with and without whole 16-float vectors, windows and blocks longer than the op's
+# Dk != Dv with and without whole vectors (16, 8 or 4 floats: nsa/ops/cpu_vec.h), windows and blocks longer than the op's
 # 64-key tiles, more selected blocks than exist early on
 CASES = [
     (1, 5, 2, 1, 8, 8, 16, 8, 32, 3, 4),  # shorter than one compression block
@@ -35,6 +35,7 @@ CASES = [
     (2, 97, 2, 2, 8, 12, 8, 8, 8, 4, 9),  # G = 1, l = d = l'
     (1, 301, 8, 2, 64, 64, 32, 16, 64, 16, 100),  # paper head dims, n = 16
     (1, 260, 4, 1, 16, 16, 16, 8, 128, 3, 300),  # selection blocks of two tiles, window > T
+    (1, 77, 4, 2, 18, 14, 16, 8, 32, 3, 20),  # head dims no multiple of 8 or 4
 ]
 VARLEN = [(4, 2, 8, 8, 16, 8, 32, 3, 12, [0, 5, 40, 40, 41, 140]), (8, 1, 16, 8, 32, 16, 64, 4, 30, [0, 150, 170, 300])]
 

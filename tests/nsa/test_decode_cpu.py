@@ -3,7 +3,8 @@
 Same branch outputs to float32 rounding (1e-5 relative: the kernel sums in another order and uses its
 own exp) and the same selected blocks, step by step from the first token: before the first complete
 compressed block (all scores 0: ties), before the ring is full, contexts that are no multiple of any
-block, G = 1, 3, 8, Dk != Dv, head dims that are and are not multiples of the kernel's 16 lanes.
+block, G = 1, 3, 8, Dk != Dv, head dims that are and are not multiples of the kernel's vector width
+(16 lanes with AVX-512, 8 with AVX2, 4 otherwise: nsa/ops/cpu_vec.h).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _steps(layer, B, T):
         (dict(num_heads=3, num_kv_heads=3, head_dim_k=32, head_dim_v=48), ("cmp", "slc", "win")),  # G=1
         (dict(num_heads=6, num_kv_heads=2, head_dim_k=24, head_dim_v=40, num_select=4, num_local=2),
          ("cmp", "slc", "win")),  # G=3, dims no multiple of 16
+        (dict(num_heads=4, num_kv_heads=2, head_dim_k=20, head_dim_v=14), ("cmp", "slc", "win")),  # no multiple of 8 or 4
         (dict(num_heads=16, num_kv_heads=2, head_dim_k=64, head_dim_v=32, block_len=16, stride=8, select_len=32,
               num_select=4, num_local=2, window=40), ("cmp", "slc", "win")),  # G=8
         (dict(num_init=0), ("slc",)),
