@@ -47,6 +47,5 @@ def test_attention_matches_reference(use_sse):
 def test_decode_matches_torch_path(use_sse):
     from tests.nsa import test_decode_cpu as t
 
-    (cases,) = [m.args[1] for m in t.test_kernel_matches_torch_path_step_by_step.pytestmark if m.name == "parametrize"]
-    for overrides, branches in cases:
+    for overrides, branches in t.KERNEL_CASES:
         t.test_kernel_matches_torch_path_step_by_step(overrides, branches)

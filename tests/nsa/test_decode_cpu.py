@@ -47,22 +47,24 @@ def _steps(layer, B, T):
         yield t, q.view(B, Hkv, H // Hkv, -1), cache
 
 
+# (layer overrides, branches) of the step-by-step comparison (also run against other builds of the op:
+# tests/nsa/test_cpu_isa.py)
+KERNEL_CASES = [
+    ({}, ("cmp", "slc", "win")),  # G=2, Dk=16, Dv=8 (SMALL)
+    (dict(num_heads=3, num_kv_heads=3, head_dim_k=32, head_dim_v=48), ("cmp", "slc", "win")),  # G=1
+    (dict(num_heads=6, num_kv_heads=2, head_dim_k=24, head_dim_v=40, num_select=4, num_local=2),
+     ("cmp", "slc", "win")),  # G=3, dims no multiple of 16
+    (dict(num_heads=4, num_kv_heads=2, head_dim_k=20, head_dim_v=14), ("cmp", "slc", "win")),  # no multiple of 8 or 4
+    (dict(num_heads=16, num_kv_heads=2, head_dim_k=64, head_dim_v=32, block_len=16, stride=8, select_len=32,
+          num_select=4, num_local=2, window=40), ("cmp", "slc", "win")),  # G=8
+    (dict(num_init=0), ("slc",)),
+    ({}, ("win",)),
+    ({}, ("cmp", "win")),
+]
+
+
 @needs_kernel
-@pytest.mark.parametrize(
-    "overrides, branches",
-    [
-        ({}, ("cmp", "slc", "win")),  # G=2, Dk=16, Dv=8 (SMALL)
-        (dict(num_heads=3, num_kv_heads=3, head_dim_k=32, head_dim_v=48), ("cmp", "slc", "win")),  # G=1
-        (dict(num_heads=6, num_kv_heads=2, head_dim_k=24, head_dim_v=40, num_select=4, num_local=2),
-         ("cmp", "slc", "win")),  # G=3, dims no multiple of 16
-        (dict(num_heads=4, num_kv_heads=2, head_dim_k=20, head_dim_v=14), ("cmp", "slc", "win")),  # no multiple of 8 or 4
-        (dict(num_heads=16, num_kv_heads=2, head_dim_k=64, head_dim_v=32, block_len=16, stride=8, select_len=32,
-              num_select=4, num_local=2, window=40), ("cmp", "slc", "win")),  # G=8
-        (dict(num_init=0), ("slc",)),
-        ({}, ("win",)),
-        ({}, ("cmp", "win")),
-    ],
-)
+@pytest.mark.parametrize("overrides, branches", KERNEL_CASES)
 def test_kernel_matches_torch_path_step_by_step(overrides, branches):
     layer = make_layer(11, **overrides)
     cfg = layer.cfg
