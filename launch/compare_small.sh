@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# NSA vs full attention, the longer CPU experiment (about 45 minutes on 2 cores after the probe's stage 1):
+# NSA vs full attention, the longer CPU experiment (33-45 minutes on 2 cores after the probe's stage 1):
 #
 #   1 tokenizer   python -m data.tokenizer data=pystdlib tokenizer=bpe4096   (the demo's tokenizer)
 #   2 lookup-<a>  python -m train experiment=retrieval_probe_lookup attention=<a> run_name=retrieval_probe_lookup-<a>
 #                 (the retrieval probe's stage 1, a = nsa, full: a content look-up learnt on short
-#                 associative-recall documents, shared with launch/retrieval_probe.sh; measured 12 and 23 min)
+#                 associative-recall documents, shared with launch/retrieval_probe.sh; measured 12 min full, 15-23 nsa)
 #   3 train       python -m train experiment=compare_small attention=nsa   } at the same time, one core each
 #                 python -m train experiment=compare_small attention=full  } (same seed, data order, steps)
 #                 with train.init_from=outputs/runs/retrieval_probe_lookup-<a>
