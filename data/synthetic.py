@@ -232,7 +232,7 @@ def make_mqar_document(rng, n_filler: int = 0, depth: float = 0.0, *, num_pairs:
 
 
 def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str = "words",
-                       tokenizer=None) -> SyntheticDocument:
+                       tokenizer=None, num_words=None) -> SyntheticDocument:
     """Verbatim copy: a random sequence ``n_filler`` characters (or tokens) long, then the same
     sequence again.
 
@@ -243,12 +243,19 @@ def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str =
     token is always the answer, the one-token match a small model learns first. ``"chars"``:
     5-digit numbers and random 3-7 letter strings, which a sub-word tokenizer cuts into single
     characters: a look-up then needs a match on several tokens (an ideal one-token look-up,
-    ``eval.retrieval.one_token_lookup``, predicts ~15% of them). ``depth`` is unused (the
-    generators share one signature).
+    ``eval.retrieval.one_token_lookup``, predicts ~15% of them). Without ``num_words``,
+    ``depth`` is unused (the generators share one signature).
+
+    ``num_words`` (an int, or ``[lo, hi]`` drawn per document): a haystack copy instead, the copy
+    needle of ``eval.niah`` (``needle=copy``, ``corpus=passkey_filler``) as a training document:
+    that many distinct words hidden at ``depth`` in ``n_filler`` of the passkey filler, and the
+    copy after it, so the list lies anywhere from just before the copy to the document's start.
     """
     r = _as_random(rng)
     if symbols not in ("words", "chars"):
         raise ValueError(f"symbols must be 'words' or 'chars', got {symbols!r}")
+    if num_words is not None:
+        return _haystack_copy(r, n_filler, depth, num_words, tokenizer)
     words, total, pool = [], 0, []
     cost = (lambda w: len(tokenizer.encode(w))) if tokenizer is not None else len
     while total < max(1, n_filler):
@@ -263,6 +270,20 @@ def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str =
     seq = "".join(words).rstrip()
     return _doc([("Copy this text exactly: ", None), (seq, RANDOM), ("\nCopy: ", None), (seq, ANSWER), ("\n", None)], depth,
                 {"task": "copy", "symbols": symbols})
+
+
+def _haystack_copy(r: random.Random, n_filler: int, depth: float, num_words, tokenizer) -> SyntheticDocument:
+    """``make_copy_document(num_words=...)``: eval.niah's copy needle text, ending in the copy."""
+    lo, hi = (num_words, num_words) if isinstance(num_words, int) else tuple(num_words)
+    if not 1 <= lo <= hi <= len(WORDS):
+        raise ValueError(f"num_words must be in [1, {len(WORDS)}] (an int or [lo, hi]), got {num_words}")
+    seq = " ".join(r.sample(WORDS, r.randint(lo, hi)))
+    before, after = _insert(_filler(r, PASSKEY_FILLER, n_filler, tokenizer, cycle=True), depth)
+    # eval.niah's prompt: haystack with "Copy this text exactly: <words>\n" at a filler boundary,
+    # its trailing space dropped before the question "\nCopy:", the answer after one space
+    return _doc([(before + "Copy this text exactly: ", None), (seq, RANDOM),
+                 ("\n" + after.rstrip(" ") + "\nCopy: ", None), (seq, ANSWER), ("\n", None)], depth,
+                {"task": "copy", "symbols": "words", "haystack": True})
 
 
 GENERATORS = {"passkey": make_passkey_document, "needle": make_needle_document, "mqar": make_mqar_document,

@@ -123,6 +123,32 @@ def test_copy_document_repeats_its_sequence():
         make_copy_document(random.Random(0), 10, symbols="emoji")
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.4, 1.0])
+def test_haystack_copy_document_is_the_niah_copy_prompt(depth):
+    """make_copy_document(num_words=...) is eval.niah's copy needle (passkey filler) as a training
+    document: its prompt is the text NIAH builds from the same filler, list and depth, so a model
+    trained on it is scored on NIAH in distribution."""
+    from data.synthetic import PASSKEY_FILLER
+    from eval.niah import insert_at_depth
+
+    doc = make_copy_document(random.Random(7), 400, depth, num_words=[4, 12])
+    check_spans(doc)
+    ((a, b),) = doc.answer_spans
+    words = doc.text[a:b].split()
+    assert 4 <= len(words) <= 12 and len(set(words)) == len(words) and set(words) <= set(WORDS)
+    units = doc.text.count(PASSKEY_FILLER[0].rstrip(" "))
+    assert units * len(PASSKEY_FILLER[0]) >= 400
+    needle = f"Copy this text exactly: {' '.join(words)}\n"
+    body = "".join(insert_at_depth(list(PASSKEY_FILLER) * units, [needle], depth, random.Random(0)))
+    assert doc.prompt == body.rstrip(" ") + "\nCopy: " and doc.text == doc.prompt + doc.answer + "\n"
+    assert doc.no_loss_spans == [(doc.text.index(needle) + len("Copy this text exactly: "),
+                                  doc.text.index(needle) + len(needle) - 1)]
+    assert make_copy_document(random.Random(7), 400, depth, num_words=[4, 12]).text == doc.text
+    assert len(make_copy_document(random.Random(1), 50, num_words=3).answer.split()) == 3
+    with pytest.raises(ValueError, match="num_words"):
+        make_copy_document(random.Random(0), 50, num_words=[5, 2])
+
+
 def test_depth_range():
     texts = synthetic_texts(SyntheticSource(task="passkey", num_documents=10, min_filler_chars=800,
                                            max_filler_chars=900, min_depth=0.0, max_depth=0.1))
