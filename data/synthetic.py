@@ -255,6 +255,8 @@ def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str =
     if symbols not in ("words", "chars"):
         raise ValueError(f"symbols must be 'words' or 'chars', got {symbols!r}")
     if num_words is not None:
+        if symbols != "words":
+            raise ValueError(f"a haystack copy (num_words) is a list of words, got symbols={symbols!r}")
         return _haystack_copy(r, n_filler, depth, num_words, tokenizer)
     words, total, pool = [], 0, []
     cost = (lambda w: len(tokenizer.encode(w))) if tokenizer is not None else len

@@ -147,6 +147,8 @@ def test_haystack_copy_document_is_the_niah_copy_prompt(depth):
     assert len(make_copy_document(random.Random(1), 50, num_words=3).answer.split()) == 3
     with pytest.raises(ValueError, match="num_words"):
         make_copy_document(random.Random(0), 50, num_words=[5, 2])
+    with pytest.raises(ValueError, match="symbols"):
+        make_copy_document(random.Random(0), 50, symbols="chars", num_words=4)
 
 
 def test_depth_range():
