@@ -124,6 +124,9 @@ def _insert(parts: list[str], depth: float) -> tuple[str, str]:
 
 
 ANSWER, RANDOM = "answer", "random"  # piece roles for _doc; any other role is plain text
+# a copy document's instruction before the list and its question before the copy (eval.niah's copy
+# needle uses the same words, so a model trained on copies meets them there)
+COPY_INSTRUCTION, COPY_QUESTION = "Copy this text exactly: ", "Copy:"
 
 
 def _doc(pieces: list[tuple[str, str | None]], depth: float, meta: dict) -> SyntheticDocument:
@@ -270,7 +273,7 @@ def make_copy_document(rng, n_filler: int, depth: float = 0.0, *, symbols: str =
         words.append(w)
         total += cost(w)
     seq = "".join(words).rstrip()
-    return _doc([("Copy this text exactly: ", None), (seq, RANDOM), ("\nCopy: ", None), (seq, ANSWER), ("\n", None)], depth,
+    return _doc([(COPY_INSTRUCTION, None), (seq, RANDOM), (f"\n{COPY_QUESTION} ", None), (seq, ANSWER), ("\n", None)], depth,
                 {"task": "copy", "symbols": symbols})
 
 
@@ -281,10 +284,10 @@ def _haystack_copy(r: random.Random, n_filler: int, depth: float, num_words, tok
         raise ValueError(f"num_words must be in [1, {len(WORDS)}] (an int or [lo, hi]), got {num_words}")
     seq = " ".join(r.sample(WORDS, r.randint(lo, hi)))
     before, after = _insert(_filler(r, PASSKEY_FILLER, n_filler, tokenizer, cycle=True), depth)
-    # eval.niah's prompt: haystack with "Copy this text exactly: <words>\n" at a filler boundary,
-    # its trailing space dropped before the question "\nCopy:", the answer after one space
-    return _doc([(before + "Copy this text exactly: ", None), (seq, RANDOM),
-                 ("\n" + after.rstrip(" ") + "\nCopy: ", None), (seq, ANSWER), ("\n", None)], depth,
+    # eval.niah's prompt: haystack with "<instruction><words>\n" at a filler boundary, its trailing
+    # space dropped before the question "\nCopy:", the answer after one space
+    return _doc([(before + COPY_INSTRUCTION, None), (seq, RANDOM),
+                 ("\n" + after.rstrip(" ") + f"\n{COPY_QUESTION} ", None), (seq, ANSWER), ("\n", None)], depth,
                 {"task": "copy", "symbols": "words", "haystack": True})
 
 

@@ -71,13 +71,13 @@ def make_needle(kind: str, rng: random.Random, cfg: Mapping) -> Needle:
     if kind == "copy":
         # data.synthetic's copy documents with the haystack between the list and its copy: "Copy this
         # text exactly: <words>" at the depth, "Copy:" as the question, the whole list as the answer
-        from data.synthetic import WORDS
+        from data.synthetic import COPY_INSTRUCTION, COPY_QUESTION, WORDS
 
         n = int(cfg.get("copy_words", 8))
         if not 1 <= n <= len(WORDS):
             raise ValueError(f"copy_words must be in [1, {len(WORDS)}], got {n}")
         words = " ".join(rng.sample(WORDS, n))
-        return Needle([f"Copy this text exactly: {words}\n"], "Copy:", [words], "", {"words": n})
+        return Needle([f"{COPY_INSTRUCTION}{words}\n"], COPY_QUESTION, [words], "", {"words": n})
     if kind == "passkey":
         digits = int(cfg.get("passkey_digits", 5))
         key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
