@@ -43,12 +43,16 @@ def kernels_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def _decode_cells(r: dict, x: str = "") -> list[str]:
+    """A bench.decode result's row: context, full and NSA ms, measured and expected speedup (+ x)."""
+    return [str(r["context"]), _f(r.get("full_ms"), ".3f"), _f(r.get("nsa_ms"), ".3f"),
+            _f(r.get("measured_x")) + x, _f(r.get("expected_x")) + x]
+
+
 def decode_section(data: dict) -> list[str]:
     lines = ["## Decode step (one attention layer, ms)", "",
              "| context | full | NSA | measured x | expected x (K/V tokens read) |", "|---|---|---|---|---|"]
-    for r in data.get("results", []):
-        lines.append(f"| {r['context']} | {_f(r.get('full_ms'), '.3f')} | {_f(r.get('nsa_ms'), '.3f')} | "
-                     f"{_f(r.get('measured_x'))} | {_f(r.get('expected_x'))} |")
+    lines += ["| " + " | ".join(_decode_cells(r)) + " |" for r in data.get("results", [])]
     return lines + [""]
 
 
@@ -87,9 +91,8 @@ def cpu_attention_table(paths: list[Path]) -> list[str]:
 def cpu_decode_table(paths: list[Path]) -> list[str]:
     lines = ["| run | context | full ms | NSA ms | measured | expected (K/V read) |", "|---|---|---|---|---|---|"]
     for path in paths:
-        for r in json.loads(path.read_text())["results"]:
-            lines.append(f"| {_label(path)} | {r['context']} | {_f(r.get('full_ms'), '.3f')} | "
-                         f"{_f(r.get('nsa_ms'), '.3f')} | {_f(r.get('measured_x'))}x | {_f(r.get('expected_x'))}x |")
+        lines += ["| " + " | ".join([_label(path)] + _decode_cells(r, "x")) + " |"
+                  for r in json.loads(path.read_text())["results"]]
     return lines + [""]
 
 
