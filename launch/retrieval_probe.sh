@@ -54,7 +54,7 @@ for a in "${RUNS[@]}"; do
     lookup=outputs/runs/$(lookup_run "$NAME")-$a
     lookup_stage 2 "$NAME" "$a" "${args[@]}"
     stage 3 "train-$a" "outputs/runs/$NAME-$a/export/model.safetensors" \
-        "configs/experiment/retrieval_probe.yaml $run_configs $lookup/export/model.safetensors" -- \
+        "configs/experiment/retrieval_probe.yaml configs/schedule/wsd.yaml $run_configs $lookup/export/model.safetensors" -- \
         fresh "outputs/runs/$NAME-$a" "$PY" -m train experiment=retrieval_probe name="$NAME" "${args[@]}" run_name="$NAME-$a" \
         train.init_from="$lookup" "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 done
