@@ -18,7 +18,10 @@ a match on several tokens (e.g. random letter strings cut into single characters
 NSA models also get ``selection`` per task: for each answer token, the block holding its source
 (the token's latest occurrence before the answer) and whether each layer's block selection for
 the predicting query, per KV head, holds it; the rates, split by tokens predicted right and wrong,
-show where the look-up reads and what a missed selection costs (:func:`selection_summary`).
+show where the look-up reads and what a missed selection costs (:func:`selection_summary`). The
+same per query head for the blocks that head would pick on its own (:func:`own_head_selection`):
+a head that finds the source block which its KV group's summed scores then miss shows the group
+outvoting it, a source block no head finds shows the compressed attention not finding it.
 
 Documents are tokenised whole, as in training; an answer's tokens are those that overlap its
 characters (a leading-space piece such as "▁word" counts as part of the answer "word").
@@ -104,7 +107,7 @@ def selecting_layers(model) -> list:
 def keep_selection(layers: list):
     """While open, each layer keeps its last forward's selected blocks (``last_selection``)."""
     for m in layers:
-        m.keep_selection, m.last_selection = True, None
+        m.keep_selection, m.last_selection, m.last_selection_inputs = True, None, None
     try:
         yield
     finally:
@@ -112,12 +115,35 @@ def keep_selection(layers: list):
             m.keep_selection = False
 
 
+def own_head_selection(layer) -> torch.Tensor | None:
+    """The blocks each query head of ``layer`` would select from its own compressed probabilities
+    alone, not summed over its KV group (NSA_SPEC.md, "GQA sharing"): ``[T, H, n]`` for the first
+    row of the layer's last forward under :func:`keep_selection`, or None when it kept no inputs.
+    Same top-n, forced blocks and tie rule as the model's selection (``nsa.select_blocks`` with each
+    query head as a group of one)."""
+    import nsa
+
+    kept = getattr(layer, "last_selection_inputs", None)
+    if kept is None:
+        return None
+    q, k_cmp = kept
+    cfg = layer.cfg
+    idx = nsa.select_blocks(q[:1], k_cmp[:1].repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2),
+                            block_len=cfg.block_len, stride=cfg.stride, select_len=cfg.select_len,
+                            num_select=cfg.num_select, num_init=cfg.num_init, num_local=cfg.num_local,
+                            scale=layer.scale)
+    return idx[0].cpu()
+
+
 def selection_of_sources(layers: list, ids: list[int], spans: list[tuple[int, int]]) -> list[dict | None]:
     """After a forward of ``ids`` under :func:`keep_selection`: per answer token ``p``, whether each
     layer's block selection for the query at ``p - 1`` holds the token's source, the block of its
     latest occurrence before the answer (``None`` if it has none there). ``[{"forced": bool,
-    "selected": [[bool per KV head] per layer]}]`` in answer-token order."""
+    "selected": [[bool per KV head] per layer]}]`` in answer-token order, with ``"head_selected":
+    [[bool per query head] per layer]`` (:func:`own_head_selection`) when the layers kept their inputs."""
     sel = [m.last_selection[0].cpu() for m in layers]  # [T, Hkv, n] per layer
+    own = [own_head_selection(m) for m in layers]  # [T, H, n] per layer, or None
+    own = own if all(x is not None for x in own) else None
     cfg = layers[0].cfg
     ls = cfg.select_len
     out = []
@@ -129,8 +155,11 @@ def selection_of_sources(layers: list, ids: list[int], spans: list[tuple[int, in
                 out.append(None)
                 continue
             b, cur = q // ls, (p - 1) // ls
-            out.append({"forced": b < cfg.num_init or b > cur - cfg.num_local,
-                        "selected": [(L[p - 1] == b).any(-1).tolist() for L in sel]})
+            entry = {"forced": b < cfg.num_init or b > cur - cfg.num_local,
+                     "selected": [(L[p - 1] == b).any(-1).tolist() for L in sel]}
+            if own is not None:
+                entry["head_selected"] = [(L[p - 1] == b).any(-1).tolist() for L in own]
+            out.append(entry)
     return out
 
 
@@ -138,23 +167,28 @@ def selection_summary(tokens: list[tuple[bool, dict | None]]) -> dict | None:
     """Of ``(right, selection_of_sources entry)`` per answer token: the share whose source block is
     forced (initial or local), and, over the others, the rate at which each (layer, KV head) selects
     it, for the tokens predicted right and wrong (a head whose rate splits them is where the
-    look-up reads; a low rate there is the selection's cost)."""
+    look-up reads; a low rate there is the selection's cost); with ``head_selected`` entries, the
+    same per query head for its own selection (``head_selected_when_right`` / ``_wrong``)."""
     have = [(r, x) for r, x in tokens if x is not None]
     if not have:
         return None
     free = [(r, x) for r, x in have if not x["forced"]]
 
-    def rates(group):
+    def rates(group, key="selected"):
         if not group:
             return None
-        n_layers, n_heads = len(group[0][1]["selected"]), len(group[0][1]["selected"][0])
-        return [[round(sum(x["selected"][i][h] for _, x in group) / len(group), 4) for h in range(n_heads)]
+        n_layers, n_heads = len(group[0][1][key]), len(group[0][1][key][0])
+        return [[round(sum(x[key][i][h] for _, x in group) / len(group), 4) for h in range(n_heads)]
                 for i in range(n_layers)]
 
-    return {"tokens": len(have), "source_forced": sum(x["forced"] for _, x in have) / len(have),
-            "not_forced": len(free), "not_forced_right": sum(r for r, _ in free),
-            "selected_when_right": rates([g for g in free if g[0]]),
-            "selected_when_wrong": rates([g for g in free if not g[0]])}
+    out = {"tokens": len(have), "source_forced": sum(x["forced"] for _, x in have) / len(have),
+           "not_forced": len(free), "not_forced_right": sum(r for r, _ in free),
+           "selected_when_right": rates([g for g in free if g[0]]),
+           "selected_when_wrong": rates([g for g in free if not g[0]])}
+    if all("head_selected" in x for _, x in have):
+        out["head_selected_when_right"] = rates([g for g in free if g[0]], "head_selected")
+        out["head_selected_when_wrong"] = rates([g for g in free if not g[0]], "head_selected")
+    return out
 
 
 def one_token_lookup(ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -268,4 +302,10 @@ def results_markdown(results: Mapping) -> str:
             right, wrong = sel["selected_when_right"], sel["selected_when_wrong"]
             md += markdown_table(["layer", "right", "wrong"],
                                  [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
+            right, wrong = sel.get("head_selected_when_right"), sel.get("head_selected_when_wrong")
+            if right or wrong:
+                md += ("\n\nThe same per query head, for the blocks each head alone would select (its own "
+                       "compressed probabilities, not summed over its KV group):\n\n")
+                md += markdown_table(["layer", "right", "wrong"],
+                                     [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
     return md + "\n"

@@ -178,9 +178,12 @@ class NSAAttention(nn.Module):
         self.scale = Dk ** -0.5
         self._gates: torch.Tensor | None = None  # [B|1, T|1, H, 3], last forward's gates (detached)
         # diagnostics (eval.retrieval): with keep_selection, a forward over a whole sequence (no
-        # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none)
+        # cu_seqlens, no cache) keeps its selected blocks, [B, T, Hkv, n] int (-1: none), and the
+        # queries and compressed keys they were picked from (q [B, T, H, Dk] with RoPE, k_cmp
+        # [B, N, Hkv, Dk])
         self.keep_selection = False
         self.last_selection: torch.Tensor | None = None
+        self.last_selection_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -285,6 +288,7 @@ class NSAAttention(nn.Module):
             return_selection=self.keep_selection and cu_seqlens is None)
         if idx is not None:
             self.last_selection = idx.detach()
+            self.last_selection_inputs = (q.detach(), compressed[0].detach())
         return o, (compressed if compressed[0] is not None else None)  # None lets a cache prefill build its own
 
     def _attend_padded(self, q, kv, g, index, valid):

@@ -157,12 +157,45 @@ def test_selection_of_sources_by_hand():
     assert summary["selected_when_right"] == [[1.0, 0.0]] and summary["selected_when_wrong"] is None
 
 
+def test_own_head_selection_is_the_group_selection_for_identical_heads():
+    """Each query head's own top-n against nsa.select_blocks: when the G heads of a KV group have the
+    same query, their group sum is G times one head's probabilities, so every head's own selection
+    must be the group's; with different queries it must be the selection of a group of that head
+    alone (a model with as many KV heads as query heads). T = 150 is not a multiple of any block."""
+    from types import SimpleNamespace
+
+    import nsa
+
+    g = torch.Generator().manual_seed(0)
+    cfg = SimpleNamespace(block_len=16, stride=8, select_len=32, num_select=3, num_init=1, num_local=1)
+    blk = {k: getattr(cfg, k) for k in vars(cfg)}
+    T, Hkv, G, D = 150, 2, 3, 16
+    k_cmp = torch.randn(1, (T - 16) // 8 + 1, Hkv, D, generator=g)
+    q1 = torch.randn(1, T, Hkv, D, generator=g)
+    layer = SimpleNamespace(cfg=cfg, scale=D ** -0.5, last_selection_inputs=(q1.repeat_interleave(G, 2), k_cmp))
+    own = retrieval.own_head_selection(layer)  # [T, H, n]
+    group = nsa.select_blocks(q1.repeat_interleave(G, 2), k_cmp, scale=D ** -0.5, **blk)[0]  # [T, Hkv, n]
+    assert own.shape == (T, Hkv * G, cfg.num_select)
+    assert torch.equal(own, group.repeat_interleave(G, 1).to(own.dtype))
+    q = torch.randn(1, T, Hkv * G, D, generator=g)
+    layer.last_selection_inputs = (q, k_cmp)
+    alone = nsa.select_blocks(q, k_cmp.repeat_interleave(G, 2), scale=D ** -0.5, **blk)[0]
+    assert torch.equal(retrieval.own_head_selection(layer), alone)
+    assert not torch.equal(alone.view(T, Hkv, G, -1)[:, :, 0], alone.view(T, Hkv, G, -1)[:, :, 1])
+    assert retrieval.own_head_selection(SimpleNamespace(cfg=cfg)) is None
+
+
 def test_nsa_checkpoint_reports_selection(tiny_lm):
-    """A real NSA model: every task gets per-layer, per-KV-head selection rates in [0, 1]."""
+    """A real NSA model: every task gets per-layer selection rates in [0, 1], per KV head for the
+    model's selection and per query head for each head's own."""
     res, _ = retrieval.run_retrieval(tiny_lm, {"tasks": TASKS, "num_documents": 3, "seed": 1}, progress=False)
+    layers = retrieval.selecting_layers(tiny_lm.model)
+    n_layers, H, Hkv = len(layers), layers[0].cfg.num_heads, layers[0].cfg.num_kv_heads
     for r in res.values():
         sel = r["selection"]
-        n_layers = len(retrieval.selecting_layers(tiny_lm.model))
-        for rates in (sel["selected_when_right"], sel["selected_when_wrong"]):
-            assert rates is None or (len(rates) == n_layers and all(0 <= x <= 1 for row in rates for x in row))
+        for key, heads in (("selected_when_right", Hkv), ("selected_when_wrong", Hkv),
+                           ("head_selected_when_right", H), ("head_selected_when_wrong", H)):
+            rates = sel[key]
+            assert rates is None or (len(rates) == n_layers and all(len(row) == heads for row in rates)
+                                     and all(0 <= x <= 1 for row in rates for x in row))
     assert all(m.last_selection is None or not m.keep_selection for m in retrieval.selecting_layers(tiny_lm.model))
