@@ -182,12 +182,10 @@ def selection_summary(tokens: list[tuple[bool, dict | None]]) -> dict | None:
                 for i in range(n_layers)]
 
     out = {"tokens": len(have), "source_forced": sum(x["forced"] for _, x in have) / len(have),
-           "not_forced": len(free), "not_forced_right": sum(r for r, _ in free),
-           "selected_when_right": rates([g for g in free if g[0]]),
-           "selected_when_wrong": rates([g for g in free if not g[0]])}
-    if all("head_selected" in x for _, x in have):
-        out["head_selected_when_right"] = rates([g for g in free if g[0]], "head_selected")
-        out["head_selected_when_wrong"] = rates([g for g in free if not g[0]], "head_selected")
+           "not_forced": len(free), "not_forced_right": sum(r for r, _ in free)}
+    right, wrong = [g for g in free if g[0]], [g for g in free if not g[0]]
+    for key in ("selected", "head_selected") if all("head_selected" in x for _, x in have) else ("selected",):
+        out[f"{key}_when_right"], out[f"{key}_when_wrong"] = rates(right, key), rates(wrong, key)
     return out
 
 
@@ -299,13 +297,11 @@ def results_markdown(results: Mapping) -> str:
             def fmt(rates, i):
                 return " ".join(f"{x:.2f}" for x in rates[i]) if rates else "-"
 
-            right, wrong = sel["selected_when_right"], sel["selected_when_wrong"]
-            md += markdown_table(["layer", "right", "wrong"],
-                                 [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
-            right, wrong = sel.get("head_selected_when_right"), sel.get("head_selected_when_wrong")
-            if right or wrong:
-                md += ("\n\nThe same per query head, for the blocks each head alone would select (its own "
-                       "compressed probabilities, not summed over its KV group):\n\n")
-                md += markdown_table(["layer", "right", "wrong"],
-                                     [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
+            per_head = ("\n\nThe same per query head, for the blocks each head alone would select (its own "
+                        "compressed probabilities, not summed over its KV group):\n\n")
+            for intro, key in (("", "selected"), (per_head, "head_selected")):
+                right, wrong = sel.get(f"{key}_when_right"), sel.get(f"{key}_when_wrong")
+                if right or wrong:
+                    md += intro + markdown_table(["layer", "right", "wrong"],
+                                                 [[i, fmt(right, i), fmt(wrong, i)] for i in range(len(right or wrong))], 2)
     return md + "\n"
