@@ -51,6 +51,11 @@ class NSAConfig:
     share_kv: bool = False  # one K/V projection for all three branches instead of one each
     compress: str = "mlp"  # "mlp": pe + MLP over the flattened block; "mean": mean pooling
     compress_hidden: int | None = None  # phi hidden width; None -> the phi's output dim (Dk or Dv)
+    # Where the compressed branch's keys get RoPE. "tokens": on the raw keys before phi (the spec's
+    # choice). "block": phi compresses un-rotated keys and each compressed key is then rotated as its
+    # block's last token, so q . k_cmp depends on content and distance alone, as a full-attention
+    # score does (phi of rotated keys sees every block's content turned by its absolute position).
+    cmp_rope: str = "tokens"
     backend: str | None = None  # "torch" | "cpu" | "triton" | None (the API default for the device and dtype)
     # The branches whose gated outputs are summed: an ablation drops some, e.g. ("win",) keeps only
     # the sliding window (nothing outside it can be attended to); the others are not computed.
@@ -78,6 +83,8 @@ class NSAConfig:
             raise ValueError(f"head_dim_k ({self.head_dim_k}) must be even for RoPE")
         check_block_params(self.block_len, self.stride, self.select_len)
         check_selection_params(self.num_select, self.num_init, self.num_local)
+        if self.cmp_rope not in ("tokens", "block"):
+            raise ValueError(f"cmp_rope must be 'tokens' or 'block', got {self.cmp_rope!r}")
         if self.compress not in ("mlp", "mean"):
             raise ValueError(f"compress must be 'mlp' or 'mean', got {self.compress!r}")
         h = self.compress_hidden
@@ -227,28 +234,33 @@ class NSAAttention(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def _branch_kv(self, x, cos, sin) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per-branch ``(k [B,T,Hkv,Dk] with RoPE, v [B,T,Hkv,Dv])``; shared tensors if share_kv."""
+        """Per-branch ``(k [B,T,Hkv,Dk] with RoPE, v [B,T,Hkv,Dv])``; shared tensors if share_kv.
+        With ``cmp_rope="block"`` the compressed branch's keys come without RoPE (it is applied after phi)."""
         cfg = self.cfg
         B, T, _ = x.shape
         Hkv, Dk, Dv = cfg.num_kv_heads, cfg.head_dim_k, cfg.head_dim_v
         kv = self.kv_proj(x).view(B, T, self.branches_kv * Hkv, Dk + Dv)
-        k, v = kv.split((Dk, Dv), dim=-1)
-        k = apply_rotary(k, cos, sin)  # every branch's keys in one rotation
+        k_raw, v = kv.split((Dk, Dv), dim=-1)
+        k = apply_rotary(k_raw, cos, sin)  # every branch's keys in one rotation
         out = [(k[:, :, i * Hkv:(i + 1) * Hkv], v[:, :, i * Hkv:(i + 1) * Hkv]) for i in range(self.branches_kv)]
         if cfg.share_kv:
             out = out * 3
-        return dict(zip(("cmp", "slc", "win"), out, strict=True))
+        kv = dict(zip(("cmp", "slc", "win"), out, strict=True))
+        if cfg.cmp_rope == "block":
+            kv["cmp"] = (k_raw[:, :, :Hkv], kv["cmp"][1])
+        return kv
 
     def compress(self, kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks ``kb [..., l, Dk]``, ``vb [..., l, Dv]`` -> compressed ``[..., Dk]``, ``[..., Dv]``."""
         return self.compress_k(kb), self.compress_v(vb)
 
-    def _compressed_kv(self, k, v, cu_seqlens):
+    def _compressed_kv(self, k, v, cu_seqlens, rope):
         """Compressed K/V from raw ``k, v [B,T,Hkv,D]``: block ``i`` = tokens ``[i*d, i*d + l)``.
 
         Without ``cu_seqlens``: ``[B, N, Hkv, D]`` via unfold. With it: per document,
         never straddling a boundary, packed as ``[1, sum N_doc, Hkv, D]`` in
-        ``nsa.compressed_cu_seqlens`` order.
+        ``nsa.compressed_cu_seqlens`` order. ``rope = (cos, sin) [B,T,Dk//2]``: with
+        ``cmp_rope="block"`` each compressed key is rotated as its block's last token.
         """
         l, d = self.cfg.block_len, self.cfg.stride
         B, T, Hkv = k.shape[:3]
@@ -257,7 +269,9 @@ class NSAAttention(nn.Module):
                 return self.compress(k.new_zeros(B, 0, Hkv, l, k.shape[-1]), v.new_zeros(B, 0, Hkv, l, v.shape[-1]))
             kb = k.unfold(1, l, d).transpose(-1, -2)  # [B, N, Hkv, l, Dk]
             vb = v.unfold(1, l, d).transpose(-1, -2)
-            return self.compress(kb, vb)
+            k_cmp, v_cmp = self.compress(kb, vb)
+            last = torch.arange(l - 1, T, d, device=k.device)[:k_cmp.shape[1]]
+            return self._rotate_blocks(k_cmp, rope, last), v_cmp
         cu_cmp = nsa.compressed_cu_seqlens(cu_seqlens, l, d).to(torch.int64)
         counts = cu_cmp[1:] - cu_cmp[:-1]
         total = int(cu_cmp[-1])
@@ -268,19 +282,45 @@ class NSAAttention(nn.Module):
         tok = start[:, None] + torch.arange(l, device=k.device)  # [total, l]
         kb = k[0, tok].transpose(1, 2).unsqueeze(0)  # [1, total, Hkv, l, Dk]
         vb = v[0, tok].transpose(1, 2).unsqueeze(0)
-        return self.compress(kb, vb)
+        k_cmp, v_cmp = self.compress(kb, vb)
+        return self._rotate_blocks(k_cmp, rope, tok[:, -1]), v_cmp
 
-    def _attend(self, q, kv, g, cu_seqlens):
+    def _cache_compress(self, cos, sin, s: int, m: int):
+        """The ``compress`` a cache calls when ``m`` new tokens (positions ``s .. s+m-1``, angles
+        ``cos/sin [B,m,Dk//2]``) complete blocks: phi, and with ``cmp_rope="block"`` the rotation of
+        each new compressed key as its block's last token, which is always one of the new tokens."""
+        if self.cfg.cmp_rope != "block":
+            return self.compress
+        l, d = self.cfg.block_len, self.cfg.stride
+
+        def compress(kb, vb):
+            k_cmp, v_cmp = self.compress(kb, vb)
+            n, n_total = kb.shape[1], (s + m - l) // d + 1  # the n newest of n_total complete blocks
+            last = torch.arange(n_total - n, n_total, device=kb.device) * d + (l - 1 - s)
+            return self._rotate_blocks(k_cmp, (cos, sin), last), v_cmp
+
+        return compress
+
+    def _rotate_blocks(self, k_cmp, rope, last):
+        """``cmp_rope="block"``: rotate compressed keys ``[B, N, Hkv, Dk]`` by the angles of their
+        blocks' last tokens (packed positions ``last [N]`` into ``rope = (cos, sin) [B, T, Dk//2]``,
+        so per-document positions and scaled RoPE carry over); unchanged otherwise."""
+        if self.cfg.cmp_rope != "block":
+            return k_cmp
+        cos, sin = rope
+        return apply_rotary(k_cmp, cos[:, last], sin[:, last])
+
+    def _attend(self, q, kv, g, cu_seqlens, rope):
         """The gated sum of the branch outputs ``o [B,T,H,Dv]`` over the full sequence, via
         :func:`nsa.native_sparse_attention` (gates ``g [B,T,H,3]``), and the compressed K/V."""
         cfg = self.cfg
         if cu_seqlens is not None and resolve_backend(cfg.backend, q) != "triton":
             docs = _padded_documents(cu_seqlens, q.shape[1])
             if docs is not None:
-                return self._attend_padded(q, kv, g, *docs), None
+                return self._attend_padded(q, kv, g, rope, *docs), None
         compressed = (None, None)
         if "cmp" in cfg.branches or "slc" in cfg.branches:  # selection scores come from the compressed branch
-            compressed = self._compressed_kv(*kv["cmp"], cu_seqlens)
+            compressed = self._compressed_kv(*kv["cmp"], cu_seqlens, rope)
         o, idx = nsa.native_sparse_attention(
             q, *compressed, *kv["slc"], *kv["win"], g, block_len=cfg.block_len, stride=cfg.stride,
             select_len=cfg.select_len, num_select=cfg.num_select, num_init=cfg.num_init, num_local=cfg.num_local,
@@ -291,7 +331,7 @@ class NSAAttention(nn.Module):
             self.last_selection_inputs = (q.detach(), compressed[0].detach())
         return o, (compressed if compressed[0] is not None else None)  # None lets a cache prefill build its own
 
-    def _attend_padded(self, q, kv, g, index, valid):
+    def _attend_padded(self, q, kv, g, rope, index, valid):
         """Packed documents (``[1, T, ...]``) as one batch: document ``i`` is row ``i`` of
         ``[N, L, ...]`` (``index``/``valid [N, L]`` from :func:`_padded_documents`), then the outputs
         are packed back. Same result as one document at a time: every op is causal and the
@@ -306,10 +346,11 @@ class NSAAttention(nn.Module):
             return (x[0].index_select(0, flat) * keep[:, None, None].to(x.dtype)).view(N, L, *x.shape[2:])
 
         kv_p = {b: (pad(k), pad(v)) for b, (k, v) in kv.items()}
-        o, _ = self._attend(pad(q), kv_p, pad(g), None)
+        rope_p = tuple(pad(r.unsqueeze(2)).squeeze(2) for r in rope)
+        o, _ = self._attend(pad(q), kv_p, pad(g), None, rope_p)
         return o.reshape(N * L, *o.shape[2:])[keep].unsqueeze(0)
 
-    def _decode(self, q, kv, cache: NSACache):
+    def _decode(self, q, kv, cos, sin, cache: NSACache):
         """Branch outputs ``[B,m,H,Dv]`` for ``m`` new tokens computed from the cache alone (``None`` for
         a branch that ``cfg.branches`` leaves out)."""
         cfg = self.cfg
@@ -319,7 +360,7 @@ class NSAAttention(nn.Module):
         pos = torch.arange(s, s + m, device=q.device)
         qg = q.float().view(B, m, Hkv, H // Hkv, -1)
         if m == 1:  # one token: attend in place over the cache's head-major buffers
-            cache.append(kv, self.compress)
+            cache.append(kv, self._cache_compress(cos, sin, s, m))
             o = decode_token(qg[:, 0], cache, self.scale, num_select=cfg.num_select, num_init=cfg.num_init,
                              num_local=cfg.num_local, branches=cfg.branches)
             return tuple(o[b].reshape(B, 1, H, -1).to(q.dtype) if b in o else None for b in BRANCHES)
@@ -328,7 +369,7 @@ class NSAAttention(nn.Module):
         k_new, v_new = kv["win"]
         o_win = decode_window(qg, torch.cat((kw, k_new.to(kw.dtype)), 1), torch.cat((vw, v_new.to(vw.dtype)), 1),
                               torch.cat((kpos, pos)), pos, cfg.window, self.scale)
-        cache.append(kv, self.compress)
+        cache.append(kv, self._cache_compress(cos, sin, s, m))
         o_cmp = o_slc = None
         if "cmp" in cfg.branches or "slc" in cfg.branches:
             o_cmp, p = decode_compressed(qg, cache, pos, self.scale)
@@ -343,8 +384,9 @@ class NSAAttention(nn.Module):
         cache write in one call, attention, gates and their sum in another; same result as the torch path."""
         cfg = self.cfg
         q, kv = self.q_proj(x), self.kv_proj(x)  # [B, 1, H*Dk], [B, 1, nb*Hkv*(Dk+Dv)]
-        decode_cpu.rope_store(q, kv, cos, sin, cache, self.branches_kv)
-        cache.commit_one(self.compress)
+        s = cache.length
+        decode_cpu.rope_store(q, kv, cos, sin, cache, self.branches_kv, rotate_cmp=cfg.cmp_rope == "tokens")
+        cache.commit_one(self._cache_compress(cos, sin, s, 1))
         gate = (x, self.gate_proj.weight, self.gate_proj.bias, self.gate_weight_scale)
         _, _, o, self._gates = decode_cpu.attend(q, cache, self.scale, num_select=cfg.num_select,
                                                  num_init=cfg.num_init, num_local=cfg.num_local,
@@ -401,10 +443,10 @@ class NSAAttention(nn.Module):
         g = self.gates(x)
         self._gates = g.detach().float().mean((0, 1), keepdim=True)  # [1, 1, H, 3]: not B*T*H*3 per layer
         if cache is not None and cache.length > 0:
-            outs = self._decode(q, kv, cache)
+            outs = self._decode(q, kv, cos, sin, cache)
             o = gated_sum(outs, g, cfg.branches)
         else:
-            o, compressed = self._attend(q, kv, g, cu_seqlens)
+            o, compressed = self._attend(q, kv, g, cu_seqlens, (cos, sin))
             if cache is not None:
-                cache.append(kv, self.compress, compressed=compressed)
+                cache.append(kv, self._cache_compress(cos, sin, 0, T), compressed=compressed)
         return self.o_proj(o.reshape(B, T, H * cfg.head_dim_v))

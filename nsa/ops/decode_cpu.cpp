@@ -202,7 +202,7 @@ std::vector<Tensor> attend(const Tensor& q, const Tensor& k_cmp, const Tensor& v
 // window ring at row slot. q [B, 1, H*Dk], kv [B, 1, nb*Hkv*(Dk+Dv)] (branch-major: cmp, slc, win;
 // nb = 1 when the branches share K/V), cos/sin [B, 1, Dk/2].
 void rope_store(const Tensor& q, const Tensor& kv, const Tensor& cos_, const Tensor& sin_, int64_t nb,
-                const Tensor& k_tail, const Tensor& v_tail, int64_t ti, const Tensor& k_slc, const Tensor& v_slc,
+                bool rotate_cmp, const Tensor& k_tail, const Tensor& v_tail, int64_t ti, const Tensor& k_slc, const Tensor& v_slc,
                 int64_t s, const Tensor& k_win, const Tensor& v_win, int64_t slot) {
   const int64_t B = k_slc.size(0), Hkv = k_slc.size(1), Dk = k_slc.size(3), Dv = v_slc.size(3), half = Dk / 2;
   for (auto [x, name] : {std::pair<const Tensor&, const char*>{k_tail, "k_tail"}, {v_tail, "v_tail"},
@@ -245,7 +245,11 @@ void rope_store(const Tensor& q, const Tensor& kv, const Tensor& cos_, const Ten
       for (int64_t h = 0; h < Hkv; ++h) {
         const float* src = kvp + ((b * nb + o.branch) * Hkv + h) * (Dk + Dv);
         const int64_t rows = o.k.size(2);
-        rotate(src, c, sn, o.k.data_ptr<float>() + ((b * Hkv + h) * rows + o.row) * Dk);
+        float* k_dst = o.k.data_ptr<float>() + ((b * Hkv + h) * rows + o.row) * Dk;
+        if (&o == dst && !rotate_cmp)  // the compressed branch's tail, RoPE'd after compression instead
+          std::memcpy(k_dst, src, Dk * sizeof(float));
+        else
+          rotate(src, c, sn, k_dst);
         std::memcpy(o.v.data_ptr<float>() + ((b * Hkv + h) * rows + o.row) * Dv, src + Dk, Dv * sizeof(float));
       }
   }
@@ -258,6 +262,6 @@ void bind_decode(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("attend", &attend, "the three branch outputs of the newest token, from the cache",
         py::call_guard<py::gil_scoped_release>());
-  m.def("rope_store", &rope_store, "RoPE of q in place; RoPE'd K and V of the new token into the cache",
+  m.def("rope_store", &rope_store, "RoPE of q in place; RoPE'd K (the compressed branch's only if rotate_cmp) and V of the new token into the cache",
         py::call_guard<py::gil_scoped_release>());
 }

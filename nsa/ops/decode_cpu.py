@@ -47,12 +47,13 @@ def applies(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def rope_store(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: NSACache,
-               branches_kv: int) -> None:
+               branches_kv: int, rotate_cmp: bool = True) -> None:
     """RoPE of ``q [B,1,H*Dk]`` in place; the new token's RoPE'd keys and values from ``kv
     [B,1,nb*Hkv*(Dk+Dv)]`` (the layer's kv_proj output, branches cmp, slc, win; ``nb = branches_kv``)
-    written into the cache. Follow with ``cache.commit_one``."""
+    written into the cache; the compressed branch's key un-rotated unless ``rotate_cmp`` (the layer's
+    ``cmp_rope="block"`` rotates compressed keys instead). Follow with ``cache.commit_one``."""
     s, slot, ti = cache.reserve_one()
-    _require().rope_store(q, kv, cos, sin, branches_kv, cache._k_tail, cache._v_tail, ti, cache._k_slc,
+    _require().rope_store(q, kv, cos, sin, branches_kv, rotate_cmp, cache._k_tail, cache._v_tail, ti, cache._k_slc,
                           cache._v_slc, s, cache._k_win, cache._v_win, slot)
 
 

@@ -51,6 +51,8 @@ def per_token_relerr(a, b):
         ({}, 21, (1, 3, 2)),  # prefill ends inside a compression block; multi-token steps
         ({"share_kv": True}, 40, (1,)),
         ({"compress": "mean"}, 33, (1, 4)),
+        ({"cmp_rope": "block"}, 21, (1, 3, 2)),  # compressed keys rotated after phi, as their blocks' last tokens
+        ({"cmp_rope": "block", "share_kv": True}, 1, (1,)),
         ({"num_kv_heads": 4, "num_local": 2, "num_init": 0}, 17, (1,)),  # no GQA sharing, no forced init block
     ],
 )
@@ -67,15 +69,16 @@ def test_decode_equals_full_forward(variant, prefill, steps):
     assert relerr(yd, y) < TOL
 
 
-def test_cache_contents_match_the_full_forward():
-    layer = make_layer(4)
+@pytest.mark.parametrize("cmp_rope", ["tokens", "block"])
+def test_cache_contents_match_the_full_forward(cmp_rope):
+    layer = make_layer(4, cmp_rope=cmp_rope)
     cfg = layer.cfg
     B, T, l, d, w = 2, 75, cfg.block_len, cfg.stride, cfg.window
     x = torch.randn(B, T, cfg.hidden_size)
     cos, sin = tables(B, T, cfg.head_dim_k)
     with torch.no_grad():
         kv = layer._branch_kv(x, cos, sin)
-        k_cmp, v_cmp = layer._compressed_kv(*kv["cmp"], None)
+        k_cmp, v_cmp = layer._compressed_kv(*kv["cmp"], None, (cos, sin))
         _, cache = decode_all(layer, x, 30, (1, 2))
     n = (T - l) // d + 1
     assert cache.num_cmp == n == k_cmp.shape[1]

@@ -86,7 +86,8 @@ def test_kernel_matches_torch_path_step_by_step(overrides, branches):
 
 
 @needs_kernel
-@pytest.mark.parametrize("variant", [{}, {"share_kv": True}, {"branches": ("slc", "win")}])
+@pytest.mark.parametrize("variant", [{}, {"share_kv": True}, {"branches": ("slc", "win")}, {"cmp_rope": "block"},
+                                     {"cmp_rope": "block", "share_kv": True}])
 def test_layer_decode_with_and_without_kernel(monkeypatch, variant):
     """Token-by-token decode through the layer: kernel on and off give the same outputs and caches."""
     layer = make_layer(12, **variant)

@@ -123,14 +123,14 @@ def test_branch_ablation_sums_only_the_kept_branches(branches):
     q = apply_rotary(full.q_proj(x).view(B, T, 4, 16), cos, sin)
     kv = full._branch_kv(x, cos, sin)
     onehot = torch.eye(3).expand(B, T, 4, 3, 3)  # branch i alone: gates e_i
-    outs = [full._attend(q, kv, onehot[..., i, :], None)[0] for i in range(3)]
+    outs = [full._attend(q, kv, onehot[..., i, :], None, (cos, sin))[0] for i in range(3)]
     g = torch.sigmoid(full.gate_proj.bias + full.gate_weight_scale * x @ full.gate_proj.weight.t()).view(B, T, 4, 3)
     keep = [i for i, name in enumerate(("cmp", "slc", "win")) if name in branches]
     want = full.o_proj(sum(g[..., i, None] * outs[i] for i in keep).reshape(B, T, -1))
     assert relerr(part(x, cos, sin), want) < TOL
     assert set(part.last_gate_means) == {f"g_{b}" for b in branches}
     if branches == ("win",):
-        assert part._attend(q, part._branch_kv(x, cos, sin), g, None)[1] is None  # no compressed K/V built
+        assert part._attend(q, part._branch_kv(x, cos, sin), g, None, (cos, sin))[1] is None  # no compressed K/V built
         changed = x.clone()
         changed[:, :T - SMALL["window"] - 1] += 1.0  # tokens no query at T-1 can see in its window
         assert relerr(part(changed, cos, sin)[:, -1], part(x, cos, sin)[:, -1]) < 1e-6
@@ -202,7 +202,7 @@ def test_varlen_equals_per_document_loop_and_isolates_documents():
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(num_heads=8, num_kv_heads=1, num_select=4, num_local=2),
-                                       dict(branches=("cmp", "slc")), dict(branches=("win",))])
+                                       dict(branches=("cmp", "slc")), dict(branches=("win",)), dict(cmp_rope="block")])
 def test_padded_documents_equal_one_document_at_a_time(monkeypatch, overrides):
     """The torch backend runs packed documents as one padded batch when that is cheap
     (``PAD_DOCUMENTS_MAX_FILL``); outputs and every gradient equal the per-document loop's."""
@@ -258,7 +258,7 @@ def test_share_kv_and_mean_variants():
     assert kv["cmp"][0] is kv["slc"][0] is kv["win"][0]
     # mean pooling: the compressed key is the mean of the block's (RoPE'd) keys
     k, v = kv["cmp"]
-    kc, vc = mean._compressed_kv(k, v, None)
+    kc, vc = mean._compressed_kv(k, v, None, tables(1, 24, Dk))
     assert kc.shape == (1, (24 - l) // 4 + 1, Hkv, Dk)
     assert relerr(kc[:, 2], k[:, 8:16].mean(1)) < 1e-6
     for layer in (shared, mean):
@@ -266,7 +266,7 @@ def test_share_kv_and_mean_variants():
         assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("variant", [{}, {"share_kv": True}, {"compress": "mean"}])
+@pytest.mark.parametrize("variant", [{}, {"share_kv": True}, {"compress": "mean"}, {"cmp_rope": "block"}])
 def test_gradients_reach_every_parameter(variant):
     """float64, so that rounding noise (~1e-16) cannot pass for a gradient: a parameter the
     loss cannot depend on (e.g. a bias shared by all compressed keys) has |grad| ~ 1e-16."""
@@ -308,6 +308,33 @@ def test_rotary_convention_and_relative_positions():
     assert abs(dots[0] - dots[1]) < 1e-5
     with pytest.raises(ValueError, match="cos/sin"):
         apply_rotary(x, cos[..., :2], sin[..., :2])
+
+
+def test_block_rope_makes_the_layer_depend_on_relative_positions_only():
+    """``cmp_rope="block"``: every score is between a query and a key rotated at their own positions
+    (a compressed key at its block's last token), so moving a whole sequence by P positions leaves the
+    output unchanged; with RoPE before phi ("tokens") the compressed keys see absolute positions. Each
+    compressed key is phi of the un-rotated keys, rotated as its block's last token."""
+    T, P = 60, 37
+    x = torch.randn(1, T, 32, dtype=torch.float64)
+    shifted = rotary_tables(torch.arange(P, P + T)[None], 16)
+    for mode, invariant in (("block", True), ("tokens", False)):
+        layer = make_layer(5, cmp_rope=mode).double()
+        with torch.no_grad():
+            err = relerr(layer(x, *shifted), layer(x, *tables(1, T, 16)))
+        # 1e-6: rotary_tables rounds cos/sin to float32 (~6e-8 each), the rest is float64
+        assert (err < 1e-6) if invariant else (err > 1e-3), (mode, err)
+    cos, sin = shifted
+    k_raw = layer.kv_proj(x).view(1, T, 3 * 2, 24)[:, :, :2, :16]  # the compressed branch's keys, no RoPE
+    layer.cfg.cmp_rope = "block"
+    kv = layer._branch_kv(x, cos, sin)
+    assert relerr(kv["cmp"][0], k_raw) == 0 and relerr(kv["slc"][0], apply_rotary(kv["slc"][0], cos, sin)) > 1e-3
+    k_cmp, _ = layer._compressed_kv(*kv["cmp"], None, (cos, sin))
+    i, l, d = 5, 8, 4
+    want = layer.compress_k(k_raw[:, i * d:i * d + l].transpose(1, 2))  # [1, Hkv, Dk]
+    last = i * d + l - 1
+    want = apply_rotary(want[:, None], cos[:, last:last + 1], sin[:, last:last + 1])[:, 0]
+    assert relerr(k_cmp[:, i], want) < 1e-12
 
 
 def _backend_pair(device: str, B: int, T: int, **cfg):

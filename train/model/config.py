@@ -165,6 +165,7 @@ class AttentionConfig:
     share_kv: bool = False
     compress: str = "mlp"
     compress_hidden: int | None = None
+    cmp_rope: str = "tokens"
     backend: str | None = None
     branches: tuple[str, ...] = ("cmp", "slc", "win")  # an ablation keeps fewer, e.g. ["win"]
     # each branch's gate at init, and the gate weight's step scale (None: 1/hidden_size); nsa.layer.NSAConfig
@@ -197,7 +198,7 @@ class AttentionConfig:
             head_dim_v=model_cfg.head_dim_v, block_len=self.block_len, stride=self.stride,
             select_len=self.select_len, num_select=self.num_select, num_init=self.num_init,
             num_local=self.num_local, window=self.window, share_kv=self.share_kv,
-            compress=self.compress, compress_hidden=self.compress_hidden, backend=self.backend,
+            compress=self.compress, compress_hidden=self.compress_hidden, cmp_rope=self.cmp_rope, backend=self.backend,
             branches=tuple(self.branches),
             gate_init=tuple(float(self.gate_init[b]) for b in ("cmp", "slc", "win")),
             gate_weight_scale=self.gate_weight_scale,
