@@ -8,7 +8,7 @@
 #                        run_name=retrieval_probe_lookup-<run>     (stage 1: a content look-up, short documents)
 #   3 train-<run>      python -m train experiment=retrieval_probe <attention of the run> run_name=retrieval_probe-<run>
 #                        train.init_from=outputs/runs/retrieval_probe_lookup-<run>   (stage 2: answers far back)
-#      <attention of the run>: full: attention=full; nsa: attention=nsa attention.cmp_rope=block;
+#      <attention of the run>: full: attention=full; nsa: attention=nsa;
 #      nsa_window_only: attention=nsa attention.branches=[win]
 #   4 eval-retrieval   python -m eval task=retrieval checkpoint=outputs/runs/retrieval_probe-<run>
 #                        (nsa also with +attention.num_select=16: every block, what selection costs;
@@ -38,10 +38,7 @@ echo "== retrieval probe on $DEVICE_DESC; outputs in $OUT"
 run_args() {
     case $1 in
         full) echo "attention=full" ;;
-        # RoPE on each compressed key rather than on the raw keys before compression (the spec's
-        # choice, docs/results/retrieval_probe/cmp_rope_tokens): the compressed scores then match
-        # content at any distance, and the selection finds the far blocks
-        nsa) echo "attention=nsa attention.cmp_rope=block" ;;
+        nsa) echo "attention=nsa" ;;   # with nsa.yaml's cmp_rope=block (cmp_rope_tokens/: the spec's choice)
         nsa_window_only) echo "attention=nsa attention.branches=[win]" ;;
         *) echo "unknown probe run $1 (expected full, nsa, nsa_window_only)" >&2; return 1 ;;
     esac
