@@ -107,7 +107,9 @@ class NSACache:
     def append(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
                compress: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                compressed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Add ``m`` new tokens. ``kv[branch] = (k [B,m,Hkv,Dk], v [B,m,Hkv,Dv])`` (keys RoPE'd).
+        """Add ``m`` new tokens. ``kv[branch] = (k [B,m,Hkv,Dk], v [B,m,Hkv,Dv])`` (keys RoPE'd, but the
+        compressed branch's not under the layer's ``cmp_rope="block"``: its ``compress`` rotates each
+        compressed key instead).
 
         ``compress(kb, vb)`` maps blocks ``[B, n, Hkv, l, D]`` to ``[B, n, Hkv, D]``
         (the layer's phi). ``compressed`` passes blocks the caller already built
