@@ -8,6 +8,7 @@ Incremental decoding goes through :class:`nsa.cache.NSACache`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -196,12 +197,24 @@ class NSAAttention(nn.Module):
     def reset_parameters(self) -> None:
         for lin in (self.q_proj, self.kv_proj, self.o_proj):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
-        nn.init.zeros_(self.gate_proj.weight)
-        with torch.no_grad():
-            p = torch.tensor(self.cfg.gate_init, dtype=torch.float64)
-            self.gate_proj.bias.copy_(torch.logit(p).repeat(self.cfg.num_heads))  # [H*3], head-major
+        self.reset_gates(BRANCHES)
         self.compress_k.reset_parameters()
         self.compress_v.reset_parameters()
+
+    @torch.no_grad()
+    def reset_gates(self, branches) -> None:
+        """Restart the gates of ``branches`` (names from ``BRANCHES``) at ``cfg.gate_init``: weight
+        rows 0, bias ``logit(gate_init)`` in every head; the other gates keep their weights."""
+        unknown = sorted(set(branches) - set(BRANCHES))
+        if unknown:
+            raise ValueError(f"unknown branches {unknown}; expected some of {list(BRANCHES)}")
+        H = self.cfg.num_heads
+        w, b = self.gate_proj.weight.view(H, 3, -1), self.gate_proj.bias.view(H, 3)  # head-major rows
+        for c, name in enumerate(BRANCHES):
+            if name in branches:
+                w[:, c].zero_()
+                p = float(self.cfg.gate_init[c])
+                b[:, c].fill_(math.log(p / (1.0 - p)))  # logit(p), in float64 before the cast
 
     @property
     def gate_weight_scale(self) -> float:

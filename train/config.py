@@ -118,6 +118,9 @@ class TrainLoopConfig:
     # tasks) on a large vocabulary: with a tied head, Adam drove every id absent there along one
     # shared direction, so the ids this stage needs would start indistinguishable.
     init_redraw_unseen_embeddings: bool = False
+    # With init_from: NSA branches whose gates restart at attention.gate_init (e.g. [cmp]) instead of
+    # keeping the gates the init_from run learnt; no effect on full attention (no gates).
+    init_reset_gates: List[str] = field(default_factory=list)
 
 
 @dataclass

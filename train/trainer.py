@@ -166,6 +166,10 @@ class Trainer:
                 model.redraw_token_rows(unseen, torch.Generator().manual_seed(int(cfg.seed)))
                 self.log(f"embedding rows of {int(unseen.sum())} of {unseen.numel()} token ids re-drawn: they never "
                          f"occur in the training data of {cfg.train.init_from}")
+            if cfg.train.get("init_reset_gates"):
+                branches = list(cfg.train.init_reset_gates)
+                if model.reset_gates(branches):
+                    self.log(f"NSA gates of {branches} restarted at attention.gate_init {dict(self.attn_cfg.gate_init)}")
         elif cfg.train.get("init_redraw_unseen_embeddings"):  # set by an experiment also run from scratch
             self.log("train.init_redraw_unseen_embeddings has no effect without train.init_from: every "
                      "embedding row is already a fresh draw")

@@ -89,6 +89,24 @@ def test_shapes_dtypes_and_initial_gates(dtype):
         assert abs(v.item() - want) < (1e-6 if dtype == torch.float32 else 4e-3)
 
 
+def test_reset_gates_restarts_only_the_named_branches():
+    """train.init_reset_gates: after training moved every gate, reset_gates(["cmp"]) puts the
+    compressed branch's gate back at gate_init for every token and leaves the other two as trained."""
+    torch.manual_seed(0)
+    layer = NSAAttention(NSAConfig(**SMALL))
+    with torch.no_grad():  # as after training: token-dependent gates away from their init
+        layer.gate_proj.weight.normal_()
+        layer.gate_proj.bias.normal_()
+    x = torch.randn(2, 40, SMALL["hidden_size"])
+    before = layer.gates(x).detach()
+    layer.reset_gates(["cmp"])
+    after = layer.gates(x).detach()
+    assert torch.allclose(after[..., 0], torch.full_like(after[..., 0], layer.cfg.gate_init[0]), atol=1e-6)
+    assert torch.equal(after[..., 1:], before[..., 1:])
+    with pytest.raises(ValueError, match="unknown branches"):
+        layer.reset_gates(["dense"])
+
+
 def test_gate_logits_move_at_the_bias_rate_under_adam():
     """Issue 18: gates whose weight learnt at the full rate (a logit moving ~lr * ||x||_1, ~25x its
     bias's step here, ~hidden_size x in general) became token-dependent before the content look-up

@@ -166,6 +166,15 @@ class Transformer(nn.Module):
         fresh = torch.randn(int(rows.sum()), w.shape[1], generator=generator, dtype=torch.float32) * std
         w[rows.to(w.device)] = fresh.to(device=w.device, dtype=w.dtype)
 
+    def reset_gates(self, branches) -> int:
+        """Restart the named NSA branches' gates of every layer at their ``gate_init``
+        (:meth:`nsa.layer.NativeSparseAttention.reset_gates`; the trainer's ``train.init_reset_gates``).
+        Returns the number of NSA layers (0 for full attention, whose layers have no gates)."""
+        layers = [blk.attn for blk in self.layers if hasattr(blk.attn, "reset_gates")]
+        for attn in layers:
+            attn.reset_gates(branches)
+        return len(layers)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (``torch.utils.checkpoint``) to save activations."""
         self.gradient_checkpointing = bool(enabled)
