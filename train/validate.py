@@ -174,11 +174,14 @@ def _resume_problems(cfg, problems: list[str]) -> None:
         except ValueError as e:
             problems.append(f"train.init_from: {e}")
     gates = list(cfg.train.get("init_reset_gates") or [])
-    if gates and not init:
-        problems.append("train.init_reset_gates restarts gates of the weights train.init_from loads: set init_from")
-    if sorted(set(gates) - {"cmp", "slc", "win"}):
-        problems.append(f"train.init_reset_gates: unknown branches {sorted(set(gates) - {'cmp', 'slc', 'win'})}, "
-                        "expected some of cmp, slc, win")
+    if gates:
+        from nsa.ops.common import BRANCHES
+
+        if not init:
+            problems.append("train.init_reset_gates restarts gates of the weights train.init_from loads: set init_from")
+        unknown = sorted(set(gates) - set(BRANCHES))
+        if unknown:
+            problems.append(f"train.init_reset_gates: unknown branches {unknown}, expected some of {', '.join(BRANCHES)}")
     for key in ("nan_loss_at_steps", "nan_grad_at_steps"):
         if any(int(s) < 1 for s in cfg.debug[key]):
             problems.append(f"debug.{key} holds steps < 1 (steps are 1-based)")

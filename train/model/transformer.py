@@ -168,7 +168,7 @@ class Transformer(nn.Module):
 
     def reset_gates(self, branches) -> int:
         """Restart the named NSA branches' gates of every layer at their ``gate_init``
-        (:meth:`nsa.layer.NativeSparseAttention.reset_gates`; the trainer's ``train.init_reset_gates``).
+        (:meth:`nsa.layer.NSAAttention.reset_gates`; the trainer's ``train.init_reset_gates``).
         Returns the number of NSA layers (0 for full attention, whose layers have no gates)."""
         layers = [blk.attn for blk in self.layers if hasattr(blk.attn, "reset_gates")]
         for attn in layers:
