@@ -381,7 +381,7 @@ class Trainer:
                 "moe/aux_loss": st.get("moe/aux_loss"), "moe/load_cv": st.get("moe/load_cv"),
                 "moe/max_load_ratio": st.get("moe/max_over_mean"),
                 "nsa/gate_cmp": st.get("nsa/gate_cmp"), "nsa/gate_slc": st.get("nsa/gate_slc"),
-                "nsa/gate_win": st.get("nsa/gate_win")}
+                "nsa/gate_win": st.get("nsa/gate_win"), "nsa/select_kl": st.get("nsa/select_kl")}
 
     def fit(self) -> int:
         c = self.cfg

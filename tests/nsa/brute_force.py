@@ -8,6 +8,8 @@ follows the spec sentence by sentence. Slow on purpose; for small test shapes on
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -180,3 +182,37 @@ def random_block_indices(B, T, Hkv, n, ls, cu_seqlens=None, seed=0):
     cur = (trel // ls)[None, :, None]
     idx[..., 0] = torch.minimum(idx[..., 0].abs(), cur)  # a causal first slot for most queries
     return idx.to(torch.int32)
+
+
+def selection_distill(q, k, kc, block_indices, l, d, ls, n_init, n_local, scale, cu_seqlens=None):
+    """Selection distillation (``nsa.ops.select_blocks.distill``), query by query: for each
+    ``(b, t, g)`` the free selected blocks F (chosen, neither initial nor local); the target is
+    the selected attention's mass on each block of F summed over the group's heads, the student
+    the spec's ``S_t[j]`` over F, both renormalised over F; returns ``(kl, valid)`` ``[B,T,Hkv]``
+    (``valid`` iff ``|F| >= 2``, ``kl`` 0 otherwise)."""
+    B, T, H, _ = q.shape
+    Hkv = kc.shape[2]
+    G = H // Hkv
+    _, S = select_blocks(q, kc, l, d, ls, 1, 0, 0, scale, cu_seqlens)  # only the scores are used
+    _, _, p = attend(q, k, k, selected_mask(block_indices, ls, T, cu_seqlens), scale)  # [B, T, H, T]
+    _, trel = doc_ids(cu_seqlens, T)
+    kl = torch.zeros(B, T, Hkv, dtype=torch.float64)
+    valid = torch.zeros(B, T, Hkv, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            tr = int(trel[t])
+            cur = tr // ls
+            for g in range(Hkv):
+                F = sorted({int(j) for j in block_indices[b, t, g].tolist() if n_init <= j <= cur - n_local})
+                if len(F) < 2:
+                    continue
+                valid[b, t, g] = True
+                mass = []
+                for j in F:
+                    keys = [s for s in range(T) if s <= t and t - tr + j * ls <= s < t - tr + (j + 1) * ls]
+                    mass.append(float(p[b, t, g * G:(g + 1) * G][:, keys].sum()))
+                score = [S[(b, t, g)][j] for j in F]
+                m_total, s_total = sum(mass), sum(score)
+                kl[b, t, g] = sum(m / m_total * math.log((m / m_total) / (s / s_total))
+                                  for m, s in zip(mass, score, strict=True) if m > 0)
+    return kl, valid

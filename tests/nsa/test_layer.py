@@ -65,6 +65,10 @@ def tables(B: int, T: int, head_dim: int, start: int = 0):
         (dict(branches=()), "branches"),
         (dict(branches=("win", "dense")), "branches"),
         (dict(branches=("win", "win")), "branches"),
+        (dict(select_distill=-0.1), "select_distill"),
+        (dict(select_distill=True), "select_distill"),
+        (dict(select_distill=float("inf")), "select_distill"),
+        (dict(select_distill=0.1, branches=("cmp", "win")), "slc branch"),
     ],
 )
 def test_config_rejects_impossible_settings(bad, match):
@@ -245,6 +249,62 @@ def test_padded_documents_equal_one_document_at_a_time(monkeypatch, overrides):
     assert g_pad.keys() == g_doc.keys() and len(g_doc) > 3
     for name in g_doc:
         assert relerr(g_pad[name], g_doc[name]) < TOL, name
+
+
+def _distill_run(layer, x, cos, sin, cu=None):
+    """Forward + backward of the selection distillation alone: (aux loss, x.grad, {param: grad})."""
+    x = x.clone().requires_grad_(True)
+    layer(x, cos, sin, cu_seqlens=cu)
+    aux = layer.aux_loss
+    aux.backward()
+    return aux.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cmp_rope", ["tokens", "block"])
+def test_select_distill_trains_only_the_compressed_keys(cmp_rope):
+    """With ``select_distill`` the training forward leaves a positive, weighted loss whose gradient
+    reaches the compressed keys' projection rows and phi, and nothing else: not x (the residual
+    stream), not the queries, values or gates; the output is the same as without it; eval and
+    no-grad forwards leave no loss."""
+    T = 96
+    x, (cos, sin) = torch.randn(2, T, 32), tables(2, T, 16)
+    layer = make_layer(5, select_distill=0.5, cmp_rope=cmp_rope, num_select=4)
+    plain = make_layer(5, cmp_rope=cmp_rope, num_select=4)
+    with torch.no_grad():
+        assert relerr(layer(x, cos, sin), plain(x, cos, sin)) == 0
+    assert layer.aux_loss is None and plain.aux_loss is None  # no grad: no loss
+    aux, gx, grads = _distill_run(layer, x, cos, sin)
+    assert aux > 0 and torch.isfinite(aux)
+    assert relerr(aux, 0.5 * layer.last_select_kl) < 1e-6
+    assert gx is None or gx.abs().max() == 0
+    assert set(grads) == {"kv_proj.weight", "compress_k.pe", "compress_k.fc1.weight", "compress_k.fc1.bias",
+                          "compress_k.fc2.weight"}
+    H, Dk, Dv = 2, 16, 8  # KV heads; the compressed branch's key rows come first in kv_proj
+    rows = grads["kv_proj.weight"].view(3 * H, Dk + Dv, -1).abs().sum(-1)
+    assert rows[:H, :Dk].min() > 0 and rows[H:].max() == 0 and rows[:H, Dk:].max() == 0
+    layer.eval()
+    with torch.enable_grad():
+        layer(x, cos, sin)
+    assert layer.aux_loss is None
+
+
+def test_select_distill_padded_documents_equal_one_document_at_a_time(monkeypatch):
+    """Packed documents: the padded batch (padding queries masked out of the mean) gives the same
+    loss and gradients as one document at a time."""
+    import nsa.layer as nsa_layer
+
+    lens = [37, 5, 90, 0, 70]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    x, (cos, sin) = torch.randn(1, sum(lens), 32), _doc_tables(lens)
+    results = []
+    for fill in (0.0, 100.0):
+        monkeypatch.setattr(nsa_layer, "PAD_DOCUMENTS_MAX_FILL", fill)
+        results.append(_distill_run(make_layer(6, select_distill=1.0, num_select=4), x, cos, sin, cu))
+    (a_doc, _, g_doc), (a_pad, _, g_pad) = results
+    assert a_doc > 0 and relerr(a_pad, a_doc) < TOL
+    assert g_pad.keys() == g_doc.keys()
+    for name in g_doc:
+        assert relerr(g_pad[name], g_doc[name]) < 1e-4, name
 
 
 def test_padded_documents_only_when_padding_is_cheap():

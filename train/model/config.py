@@ -171,6 +171,7 @@ class AttentionConfig:
     # each branch's gate at init, and the gate weight's step scale (None: 1/hidden_size); nsa.layer.NSAConfig
     gate_init: dict[str, float] = field(default_factory=lambda: {"cmp": 0.05, "slc": 0.95, "win": 0.95})
     gate_weight_scale: float | None = None
+    select_distill: float = 0.0  # weight of the selection distillation loss (not in the spec); nsa.layer.NSAConfig
 
     def __post_init__(self) -> None:
         self.branches = tuple(self.branches)  # a list from YAML / config.json compares equal to the default
@@ -201,7 +202,7 @@ class AttentionConfig:
             compress=self.compress, compress_hidden=self.compress_hidden, cmp_rope=self.cmp_rope, backend=self.backend,
             branches=tuple(self.branches),
             gate_init=tuple(float(self.gate_init[b]) for b in ("cmp", "slc", "win")),
-            gate_weight_scale=self.gate_weight_scale,
+            gate_weight_scale=self.gate_weight_scale, select_distill=self.select_distill,
         )
 
     def to_dict(self) -> dict[str, Any]:

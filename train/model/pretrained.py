@@ -89,8 +89,9 @@ def load_weights(model, path, model_cfg: ModelConfig, attention_cfg: AttentionCo
     a, b = model_cfg.to_dict(), src_model.to_dict()
     differ = sorted(k for k in a if k not in free and a[k] != b.get(k))
     a, b = attention_cfg.to_dict(), src_attn.to_dict()
-    # full attention has no NSA weights, so its NSA settings mean nothing; gate_init is an init scale
-    free_attn = ("backend", "gate_init", *SPARSITY_KEYS)
+    # full attention has no NSA weights, so its NSA settings mean nothing; gate_init is an init scale,
+    # select_distill a training loss
+    free_attn = ("backend", "gate_init", "select_distill", *SPARSITY_KEYS)
     keys = ["kind"] if a["kind"] == b["kind"] == "full" else [k for k in a if k not in free_attn]
     differ += sorted(f"attention.{k}" for k in keys if a[k] != b.get(k))
     if differ:

@@ -9,12 +9,12 @@ labels=None, cache=None) -> ModelOutput(logits [B,T,V] , loss, aux_loss, stats)`
   ids default to restarting at 0 per document. MLPs are per-token and see ``[B,T]``.
 * ``labels[b, t]`` is the target of position ``t`` (the data loader shifts; -100 is
   ignored). ``loss`` = mean token cross-entropy + ``aux_loss`` (the MoE balance and
-  z-losses, already weighted), i.e. what to backpropagate; ``stats["lm_loss"]`` is
+  z-losses and NSA's selection distillation, already weighted), i.e. what to backpropagate; ``stats["lm_loss"]`` is
   the cross-entropy alone.
 * ``stats``: python floats: ``lm_loss``, ``moe/aux_loss``, ``moe/load_cv`` (mean over
   MoE layers), ``moe/max_over_mean`` (max over layers), ``moe/dropped_frac``,
   ``moe/loads`` (per-layer lists of token counts, before dropping) and
-  ``nsa/gate_{cmp,slc,win}`` (mean over layers; not for a step with a decoding cache: nothing
+  ``nsa/gate_{cmp,slc,win}`` and, when it is trained, ``nsa/select_kl`` (mean over layers; not for a step with a decoding cache: nothing
   reads them there, and their reductions would add a few small ops per layer to every token).
 * Init: every weight ~ normal(0, init_std), the token embedding ~ normal(0, embed_init_std
   or init_std); projections that write into the residual
@@ -102,11 +102,13 @@ class Block(nn.Module):
         else:
             a = self.attn(h, cos, sin, cache=cache)
         x = x + a
+        attn_aux = getattr(self.attn, "aux_loss", None)  # NSA's selection distillation, when on
+        aux = x.new_zeros((), dtype=torch.float32) if attn_aux is None else attn_aux.float()
         h = self.mlp_norm(x)
         if self.is_moe:
-            m, aux, stats = self.mlp(h)
-            return x + m, aux, stats
-        return x + self.mlp(h), x.new_zeros((), dtype=torch.float32), None
+            m, moe_aux, stats = self.mlp(h)
+            return x + m, aux + moe_aux, stats
+        return x + self.mlp(h), aux, None
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -243,7 +245,8 @@ class Transformer(nn.Module):
             lm_loss = nll / (flat != -100).sum().clamp_min(1)
             loss = lm_loss + aux_loss
             stats["lm_loss"] = float(lm_loss.detach())
-        stats.update(self._moe_stats(moe_stats, aux_loss))
+        attn_aux = [blk.attn.aux_loss for blk in self.layers if getattr(blk.attn, "aux_loss", None) is not None]
+        stats.update(self._moe_stats(moe_stats, aux_loss - sum(a.detach().float() for a in attn_aux)))
         if cache is None:
             stats.update(self._nsa_stats())
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, stats=stats)
@@ -266,7 +269,11 @@ class Transformer(nn.Module):
         means = [m for m in means if m]
         if not means:
             return {}
-        return {f"nsa/gate_{k.removeprefix('g_')}": sum(float(m[k]) for m in means) / len(means) for k in means[0]}
+        stats = {f"nsa/gate_{k.removeprefix('g_')}": sum(float(m[k]) for m in means) / len(means) for k in means[0]}
+        kls = [blk.attn.last_select_kl for blk in self.layers if getattr(blk.attn, "last_select_kl", None) is not None]
+        if kls:
+            stats["nsa/select_kl"] = float(torch.stack(kls).mean())
+        return stats
 
 
 def build_model(model_cfg, attention_cfg) -> Transformer:

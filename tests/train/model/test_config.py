@@ -59,6 +59,8 @@ def test_model_validate_errors(change, words):
     (dict(gate_init={"cmp": 0.1, "slc": 0.9}), "gate_init"),
     (dict(gate_init={"cmp": 0.1, "slc": 0.9, "win": 1.0}), "gate_init"),
     (dict(gate_weight_scale=-1.0), "gate_weight_scale"),
+    (dict(select_distill=-1.0), "select_distill"),
+    (dict(select_distill=0.1, branches=["win"]), "slc branch"),
 ])
 def test_attention_validate_errors(change, words):
     with pytest.raises(ValueError, match=words):

@@ -31,6 +31,34 @@ def test_loss_ignores_minus_100_and_adds_aux():
     assert torch.isfinite(all_ignored.loss)
 
 
+def test_nsa_select_distill_joins_the_aux_loss_not_the_moe_stats():
+    """attention.select_distill: in training the layers' weighted distillation losses are added to
+    aux_loss (so to loss), their mean KL is logged as nsa/select_kl, and moe/aux_loss stays the
+    MoE's alone; evaluation adds nothing."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    moe = dict(num_experts=4, top_k=2, expert_size=32, aux_loss_coef=0.1)
+    cfg, attn = model_cfg("moe", moe=moe), attn_cfg("nsa")
+    ids = torch.randint(0, 97, (2, 130))
+    outs = []
+    for w in (0.0, 0.3):
+        torch.manual_seed(1)
+        model = build_model(cfg, replace(attn, select_distill=w, num_select=4, num_local=1))
+        outs.append(model(ids, labels=ids.roll(-1, 1)))
+        distill = float(sum(blk.attn.aux_loss for blk in model.layers)) if w else 0.0
+    off, on = outs
+    assert distill > 0
+    assert float(on.loss.detach() - on.stats["lm_loss"]) == pytest.approx(float(on.aux_loss), rel=1e-5)
+    assert float(on.aux_loss.detach()) == pytest.approx(float(off.aux_loss.detach()) + distill, rel=1e-5)
+    assert distill == pytest.approx(0.3 * on.stats["nsa/select_kl"] * len(model.layers), rel=1e-5)
+    assert on.stats["moe/aux_loss"] == pytest.approx(off.stats["moe/aux_loss"], rel=1e-5)
+    assert "nsa/select_kl" not in off.stats
+    model.eval()
+    with torch.no_grad():
+        assert "nsa/select_kl" not in model(ids).stats
+
+
 def test_nsa_gate_stats():
     model = build_model(model_cfg(), attn_cfg("nsa"))
     out = model(torch.randint(0, 97, (1, 20)))
