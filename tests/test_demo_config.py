@@ -225,30 +225,36 @@ def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
     assert len([c for c in calls if c.startswith("-m train")]) == 2 and all(m.exists() for m in marks)
 
 
-PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"],
+PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"], "nsa_spec": ["attention=nsa"],
               "nsa_window_only": ["attention=nsa", "attention.branches=[win]"]}
+PROBE_STAGE2 = {"nsa": ["attention.select_distill=0.05"]}  # what stage 2 adds to a run's overrides
+PROBE_LOOKUP = {"nsa_spec": "nsa"}  # runs that start from another run's stage 1
 
 
 def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
-    """Both stages of the three probe runs validate, share everything but the attention settings,
-    the ablation keeps only the window, stage 2 can start from stage 1's weights (same model), and
-    every long probe answer lies beyond that window."""
+    """Both stages of the probe runs validate, share everything but the attention settings, the
+    ablation keeps only the window, NSA and the spec's NSA differ in stage 2's selection
+    distillation only, stage 2 can start from stage 1's weights (same model), and every long probe
+    answer lies beyond that window."""
     from omegaconf import OmegaConf
 
     from train.validate import validate
 
     for experiment in ("retrieval_probe_lookup", "retrieval_probe"):
-        plain = {}
+        plain, atts = {}, {}
         for run, args in PROBE_RUNS.items():
-            cfg = compose([f"experiment={experiment}", *args, f"run_name={experiment}-{run}"])
+            extra = PROBE_STAGE2.get(run, []) if experiment == "retrieval_probe" else []
+            cfg = compose([f"experiment={experiment}", *args, *extra, f"run_name={experiment}-{run}"])
             validate(cfg, 1, "cpu")
             d = OmegaConf.to_container(cfg, resolve=True)
-            att = d.pop("attention")
+            atts[run] = att = d.pop("attention")
             d.pop("run_name"), d.pop("run_dir")
             plain[run] = d
             if run == "nsa_window_only":
                 assert att["branches"] == ["win"] and att["window"] == 64
-        assert plain["full"] == plain["nsa"] == plain["nsa_window_only"]
+        assert plain["full"] == plain["nsa"] == plain["nsa_spec"] == plain["nsa_window_only"]
+        distill = 0.05 if experiment == "retrieval_probe" else 0.0
+        assert atts["nsa"] == {**atts["nsa_spec"], "select_distill": distill} and atts["nsa_spec"]["select_distill"] == 0
     stage1, stage2 = (compose([f"experiment={e}"]) for e in ("retrieval_probe_lookup", "retrieval_probe"))
     assert stage1.model == stage2.model
     # the blocks are the same (stage 2 loads stage 1's weights); stage 2 reads more of them: stage 1's
@@ -268,24 +274,30 @@ def test_retrieval_probe_script_trains_evaluates_and_summarises(tmp_path):
     root, log, env = _sandbox(tmp_path)
     calls, out = _run(root, "retrieval_probe.sh", env, log)
     trains = [c for c in calls if c.startswith("-m train")]
-    assert trains == [c for run, a in PROBE_RUNS.items() for c in (
-        f"-m train experiment=retrieval_probe_lookup name=retrieval_probe {' '.join(a)} "
-        f"run_name=retrieval_probe_lookup-{run}",
-        f"-m train experiment=retrieval_probe name=retrieval_probe {' '.join(a)} run_name=retrieval_probe-{run} "
-        f"train.init_from=outputs/runs/retrieval_probe_lookup-{run}")]
+    expected = []
+    for run, a in PROBE_RUNS.items():
+        lookup = PROBE_LOOKUP.get(run, run)
+        if lookup == run:  # a shared stage 1 trains once
+            expected.append(f"-m train experiment=retrieval_probe_lookup name=retrieval_probe {' '.join(a)} "
+                            f"run_name=retrieval_probe_lookup-{run}")
+        expected.append(f"-m train experiment=retrieval_probe name=retrieval_probe "
+                        f"{' '.join(a + PROBE_STAGE2.get(run, []))} run_name=retrieval_probe-{run} "
+                        f"train.init_from=outputs/runs/retrieval_probe_lookup-{lookup}")
+    assert trains == expected
     evals = [c for c in calls if c.startswith("-m eval ")]
     # every run on the probe's documents, on the symbols diagnostic and on the copy NIAH grid, the NSA
-    # run also reading every block (what its selection costs)
+    # runs also reading every block (what their selection costs)
     assert [c.split("checkpoint=")[1].split()[0] for c in evals] == [
-        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(4 if run == "nsa" else 3)]
+        f"outputs/runs/retrieval_probe-{run}" for run in PROBE_RUNS for _ in range(4 if run in ("nsa", "nsa_spec") else 3)]
     niah = [c for c in evals if "task=niah" in c]
     assert len(niah) == len(PROBE_RUNS) and all("eval@niah=niah_copy" in c for c in niah)
     assert all("task=retrieval eval@retrieval=retrieval_probe" in c for c in evals if c not in niah)
-    assert sum("+attention.num_select=16" in c for c in evals) == 1
+    assert sum("+attention.num_select=16" in c for c in evals) == 2
     assert [c.split("name=")[1].split()[0] for c in evals if "eval@retrieval=retrieval_probe_symbols" in c] == [
         f"retrieval_probe-{run}-symbols" for run in PROBE_RUNS]
     assert calls[-1].startswith("-m eval.compare outputs/runs/retrieval_probe-full outputs/runs/retrieval_probe-nsa "
-                                "outputs/runs/retrieval_probe-nsa_window_only --out outputs/retrieval_probe "
+                                "outputs/runs/retrieval_probe-nsa_spec outputs/runs/retrieval_probe-nsa_window_only "
+                                "--out outputs/retrieval_probe "
                                 "--summary outputs/retrieval_probe/summary.json")
     calls, _ = _run(root, "retrieval_probe.sh", env, log)
     assert calls == []  # everything up to date
