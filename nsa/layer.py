@@ -283,8 +283,9 @@ class NSAAttention(nn.Module):
             # the key projection and phi, never the residual stream below (as DeepSeek-V3.2 keeps its
             # indexer's loss off the model). Through x (weight 1) it set the retrieval probe's
             # language-model loss at step 60 to 3.96, against 2.62 with x detached, 1.95 without it
-            w = self.kv_proj.weight.view(self.branches_kv * Hkv, Dk + Dv, -1)[:Hkv, :Dk].reshape(Hkv * Dk, -1)
-            k_det = torch.nn.functional.linear(x.detach(), w).view(B, T, Hkv, Dk)
+            # (the module itself, not its weight's rows: ZeRO-3 promises a weight whole only inside its
+            # module's forward)
+            k_det = self.kv_proj(x.detach()).view(B, T, self.branches_kv * Hkv, Dk + Dv)[:, :, :Hkv, :Dk]
             if cfg.cmp_rope != "block":
                 k_det = apply_rotary(k_det, cos, sin)
             kv["distill"] = (k_det, kv["cmp"][1].detach())

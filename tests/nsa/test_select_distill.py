@@ -98,3 +98,15 @@ def test_distill_teaches_the_ranking():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.5 * first
+
+
+def test_distill_keeps_k_cmp_in_the_graph_without_blocks_to_rank():
+    """Rows too short to have free blocks give kl = 0 everywhere, but still a backward into k_cmp
+    (zero): under ZeRO-3 every rank must run the same backward (tests/train/test_zero.py)."""
+    case = (1, 40, 4, 2, 8, 8, 4, 16, 4, 1, 1)  # 3 selection blocks: never two free ones
+    q, k, kc, idx = _inputs(case)
+    kc.requires_grad_(True)
+    kl, valid = selection_distill(q, kc, k, idx, **_params(case))
+    assert not valid.any() and kl.abs().max() == 0
+    (kl * valid).sum().backward()
+    assert kc.grad is not None and kc.grad.abs().max() == 0

@@ -93,3 +93,18 @@ def test_no_secret_written(full_runs, tmp_path):
     for p in run.rglob("*"):
         if p.is_file():
             assert b"sk-test-not-a-real-key" not in p.read_bytes(), p
+
+
+def test_zero3_trains_nsa_with_the_selection_distillation(dataset, tmp_path):
+    """ZeRO-3 gathers each module's parameters with collectives in forward and backward, so every
+    rank must run the same graph. A rank whose rows hold no query with blocks to rank once gave the
+    distillation no backward through phi while the other rank had one: gloo aborted on mismatched
+    collectives. Small NSA blocks so that 64-token rows have free blocks on some ranks only."""
+    nsa = ["attention=nsa", "attention.block_len=8", "attention.stride=4", "attention.select_len=16",
+           "attention.num_select=4", "attention.num_local=1", "attention.window=16", "attention.select_distill=0.1"]
+    train(base_overrides(dataset, tmp_path, "z3nsa") + ["deepspeed=zero3", "train.max_steps=3",
+                                                        "schedule.total_steps=3", "train.val_every=0", *nsa], nproc=2)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "z3nsa" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    assert any(r["nsa/select_kl"] > 0 for r in rows)

@@ -131,7 +131,12 @@ def selection_distill(q, k_cmp, k_slc, idx, *, block_len, stride, select_len, nu
     scale = resolve_scale(scale, q.shape[-1])
     params = (block_len, stride, select_len, num_init, num_local, scale)
     if cu_seqlens is None:
-        return _selection_distill_dense(q, k_cmp, k_slc, idx, *params)
-    return per_document(lambda qd, kd, sd, id_: _selection_distill_dense(qd, kd, sd, id_, *params), cu_seqlens,
-                        q, k_cmp, k_slc, idx, cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride),
-                        cmp_index=(1,))
+        kl, valid = _selection_distill_dense(q, k_cmp, k_slc, idx, *params)
+    else:
+        kl, valid = per_document(lambda qd, kd, sd, id_: _selection_distill_dense(qd, kd, sd, id_, *params),
+                                 cu_seqlens, q, k_cmp, k_slc, idx,
+                                 cmp_cu_seqlens=compressed_cu_seqlens(cu_seqlens, block_len, stride), cmp_index=(1,))
+    if k_cmp.requires_grad:  # k_cmp stays in the graph even where no query has blocks to rank: under
+        # ZeRO-3 every rank must run the same backward (its parameter gathers are collectives)
+        kl = kl + 0.0 * k_cmp.sum()
+    return kl, valid
