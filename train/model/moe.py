@@ -1,6 +1,7 @@
 """DeepSeekMoE feed-forward layer: shared experts plus fine-grained routed experts.
 
-``MoE(hidden_size, cfg)(x [B,T,C]) -> (y [B,T,C], aux_loss [], stats)``.
+``MoE(hidden_size, cfg)(x [B,T,C]) -> (y [B,T,C], aux_loss [], stats)``; ``stats``: ``load [E]``,
+``dropped``, ``assignments`` and ``aux`` (``aux_loss`` detached, for logging).
 
 Routing (per token): router logits ``[N, E]`` in float32, scores = softmax or
 sigmoid of them. The top-k experts are chosen on ``scores + expert_bias`` (the
@@ -131,7 +132,7 @@ class MoE(nn.Module):
             start += count
         if self.shared is not None:
             y = y + self.shared(x2d)
-        stats = {"load": load.detach(), "dropped": dropped, "assignments": B * T * K}
+        stats = {"load": load.detach(), "dropped": dropped, "assignments": B * T * K, "aux": aux.detach()}
         return y.view(B, T, C), aux, stats
 
     # ------------------------------------------------------- bias balancing

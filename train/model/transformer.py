@@ -245,19 +245,18 @@ class Transformer(nn.Module):
             lm_loss = nll / (flat != -100).sum().clamp_min(1)
             loss = lm_loss + aux_loss
             stats["lm_loss"] = float(lm_loss.detach())
-        attn_aux = [blk.attn.aux_loss for blk in self.layers if getattr(blk.attn, "aux_loss", None) is not None]
-        stats.update(self._moe_stats(moe_stats, aux_loss - sum(a.detach().float() for a in attn_aux)))
+        stats.update(self._moe_stats(moe_stats))
         if cache is None:
             stats.update(self._nsa_stats())
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, stats=stats)
 
     @staticmethod
-    def _moe_stats(moe_stats: list, aux_loss: torch.Tensor) -> dict:
+    def _moe_stats(moe_stats: list) -> dict:
         if not moe_stats:
             return {}
         summaries = [load_summary(st["load"]) for st in moe_stats]
         return {
-            "moe/aux_loss": float(aux_loss.detach()),
+            "moe/aux_loss": float(sum(st["aux"] for st in moe_stats)),  # the MoE layers' share of aux_loss
             "moe/load_cv": sum(s["cv"] for s in summaries) / len(summaries),
             "moe/max_over_mean": max(s["max_over_mean"] for s in summaries),
             "moe/dropped_frac": sum(st["dropped"] for st in moe_stats) / sum(st["assignments"] for st in moe_stats),

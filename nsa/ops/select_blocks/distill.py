@@ -46,7 +46,7 @@ def _free_blocks(idx, q0, q1, select_len, num_init, num_local):
     """``idx [B, Hkv, C, n]`` (selected blocks of queries ``[q0, q1)``, -1 = none) -> bool, True on
     the blocks chosen by score rather than forced."""
     cur = (torch.arange(q0, q1, device=idx.device) // select_len)[:, None]
-    return (idx >= num_init) & (idx >= 0) & (idx <= cur - num_local)
+    return (idx >= max(num_init, 0)) & (idx <= cur - num_local)  # -1 (none) is never free
 
 
 @torch.no_grad()
