@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: NSA and full attention trained side by side on this machine, evaluated and compared
-# in outputs/demo/report.md (a plain-words verdict at the top). Two pairs of runs, each pair with
+# in outputs/demo/report.md (a plain-words verdict at the top). Three pairs of runs, each pair with
 # the same seed, data order and steps: language models on the Python standard library (held-out
-# loss, speed), and retrieval models on synthetic copy documents whose answers lie beyond NSA's
-# sliding window (can NSA fetch them through its compressed and selected branches?).
+# loss, speed); retrieval models on synthetic copy documents whose answers lie beyond NSA's sliding
+# window (can NSA fetch them through its compressed and selected branches?); and those retrieval
+# models trained on further with the list to copy hidden in a haystack (a needle-in-a-haystack grid).
 # The stages are the commands a cluster user types (the demo is configs, not a separate code path):
 #
 #   1 tokenizer       python -m data.tokenizer data=pystdlib tokenizer=bpe4096
@@ -13,10 +14,12 @@
 #                       one thread each on a CPU; wandb group demo)
 #   4 train-retrieval python -m train experiment=demo_retrieval attention=nsa   and   attention=full
 #                       (synthetic data, prepared by the first run)
-#   5 eval-ppl        python -m eval task=ppl  checkpoint=outputs/runs/demo-{nsa,full}   (held-out loss by position)
-#   6 eval-niah       python -m eval task=niah checkpoint=outputs/runs/demo-{nsa,full}   (small passkey grid)
+#   5 train-niah      python -m train experiment=demo_retrieval_niah attention=nsa   and   attention=full
+#                       (train.init_from=outputs/runs/demo_retrieval-{nsa,full}: haystack copies)
+#   6 eval-ppl        python -m eval task=ppl  checkpoint=outputs/runs/demo-{nsa,full}   (held-out loss by position)
 #   7 eval-retrieval  python -m eval task=retrieval checkpoint=outputs/runs/demo_retrieval-{nsa,full}   (held-out copies)
-#   8 compare         python -m eval.compare outputs/runs/demo-{nsa,full} outputs/runs/demo_retrieval-{nsa,full} --out outputs/demo
+#   8 eval-niah       python -m eval task=niah eval@niah=niah_copy checkpoint=outputs/runs/demo_retrieval_niah-{nsa,full}
+#   9 compare         python -m eval.compare outputs/runs/demo-{nsa,full} outputs/runs/demo_retrieval-{nsa,full} outputs/runs/demo_retrieval_niah-{nsa,full} --out outputs/demo
 #
 # A stage is skipped when its outputs exist and its stamp (outputs/demo/.stamps/) records the same
 # command and input fingerprint, so a second `make demo` redoes nothing; `rm -r outputs/demo/.stamps`
@@ -261,7 +264,7 @@ lookup_run() {
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NAME=demo
-STAGES=8
+STAGES=9
 RUNS=(nsa full)
 read -r -a EXTRA <<<"${DEMO_OVERRIDES:-}"
 run_setup $NAME
@@ -286,20 +289,29 @@ stage 3 train "$(run_exports $NAME)" "$CONFIGS$ATTN_CONFIGS $DATA/meta.json" -- 
     train_both $NAME 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
 stage 4 train-retrieval "$(run_exports ${NAME}_retrieval)" "$RETRIEVAL_CONFIGS$ATTN_CONFIGS" -- \
     train_both ${NAME}_retrieval 1 "${TRAIN_DEVICE[@]}" "${EXTRA[@]}"
-num=5
+# the retrieval pair, each run from its own stage 4 (its exports are inputs: a retrained pair is retuned)
+stage 5 train-niah "$(run_exports ${NAME}_retrieval_niah)" \
+    "configs/experiment/${NAME}_retrieval_niah.yaml $RETRIEVAL_CONFIGS$ATTN_CONFIGS $(run_exports ${NAME}_retrieval)" -- \
+    train_both ${NAME}_retrieval_niah 1 "${TRAIN_DEVICE[@]}" \
+    "train.init_from=outputs/runs/${NAME}_retrieval-\${attention.kind}" "${EXTRA[@]}"
+num=6
 
 # Evaluation. Language models: held-out loss by position at 1x and 2x the training length (plain
-# RoPE beyond 2k) and a passkey grid at 512..2048 tokens (they never saw a passkey: a score of 0
-# is expected). Retrieval models: held-out copy documents (teacher-forced, exact answers).
+# RoPE beyond 2k). Retrieval models: held-out copy documents (teacher-forced, exact answers). Their
+# haystack-tuned runs: a copy needle-in-a-haystack grid at 128-512 tokens, 5 depths, 4 needles a cell
+# (answers up to ~500 tokens back, NSA's window is 16). The language models never see a retrieval
+# task: the passkey grid the demo gave them before was 0 in every cell, measuring nothing.
 EVALS="" COMPARED=()
 PPL_ARGS=("ppl.lengths=[2048,4096]" ppl.max_windows=8 ppl.num_buckets=16)
-NIAH_ARGS=(niah.needle=passkey "niah.context_lengths=[512,1024,2048]"
-           "niah.depths=[0.0,0.25,0.5,0.75,1.0]" niah.samples_per_cell=1 niah.max_new_tokens=8)
-EVAL_TASKS=(ppl niah)
+EVAL_TASKS=(ppl)
 eval_runs $NAME
 RETRIEVAL_ARGS=(eval@retrieval=demo_retrieval)
 EVAL_TASKS=(retrieval)
 eval_runs ${NAME}_retrieval
+NIAH_ARGS=(eval@niah=niah_copy "niah.context_lengths=[128,256,512]" "niah.depths=[0.0,0.25,0.5,0.75,1.0]"
+           niah.samples_per_cell=4)
+EVAL_TASKS=(niah)
+eval_runs ${NAME}_retrieval_niah
 compare_runs
 
 # Footer: how the report was made (device, commit, stage times of the invocations that did the work).
@@ -311,9 +323,9 @@ if ! grep -q '^## How this report was made' "$OUT/report.md"; then
         echo "\`make demo\` (launch/demo.sh) on $DEVICE_DESC, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
         echo "Runs: \`python -m train experiment=demo attention=nsa|full\` (language models, ~0.6M tokens of code)"
         echo "and \`python -m train experiment=demo_retrieval attention=nsa|full\` (retrieval models: synthetic copy"
-        echo "documents only, NSA window 16), each pair with the same seed, data order and steps; the language"
-        echo "models never see a retrieval task, so their passkey grid is expected at 0;"
-        echo "offline wandb runs under \`outputs/runs/demo*/wandb/\`. The longer retrieval experiment, answers"
+        echo "documents only, NSA window 16) and \`experiment=demo_retrieval_niah\` (the retrieval models, 300 steps"
+        echo "more with the list hidden in a haystack; the NIAH grid), each pair with the same seed, data order and"
+        echo "steps; offline wandb runs under \`outputs/runs/demo*/wandb/\`. The longer retrieval experiment, answers"
         echo "200-900 tokens back: \`launch/retrieval_probe.sh\` (docs/results/retrieval_probe). Stage times:"
         echo
         stage_times_table "$TIMES"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("demo", "demo_retrieval", "compare_small")
+EXPERIMENTS = ("demo", "demo_retrieval", "demo_retrieval_niah", "compare_small")
 
 
 def compose(overrides):
@@ -130,38 +130,51 @@ def test_demo_runs_the_documented_stages_once(tmp_path):
     root, log, env = _sandbox(tmp_path)
     calls, out = _run(root, "demo.sh", env, log)
     modules = [c.split()[1] for c in calls]
-    assert modules == ["data.tokenizer", "data.prepare"] + ["train"] * 4 + ["eval"] * 6 + ["eval.compare"]
+    assert modules == ["data.tokenizer", "data.prepare"] + ["train"] * 6 + ["eval"] * 6 + ["eval.compare"]
+    init = "train.init_from=outputs/runs/demo_retrieval-${attention.kind}"
     assert [c for c in calls if c.startswith("-m train")] == [
         "-m train experiment=demo attention=nsa", "-m train experiment=demo attention=full",
-        "-m train experiment=demo_retrieval attention=nsa", "-m train experiment=demo_retrieval attention=full"]
+        "-m train experiment=demo_retrieval attention=nsa", "-m train experiment=demo_retrieval attention=full",
+        f"-m train experiment=demo_retrieval_niah attention=nsa {init}",
+        f"-m train experiment=demo_retrieval_niah attention=full {init}"]
+    assert compose(["experiment=demo_retrieval_niah", "attention=nsa", init]).train.init_from == (
+        "outputs/runs/demo_retrieval-nsa")
     assert [re.search(r"task=(\w+)", c).group(1) + ":" + c.split("checkpoint=")[1].split()[0]
             for c in calls if c.startswith("-m eval ")] == [
         "ppl:outputs/runs/demo-nsa", "ppl:outputs/runs/demo-full",
-        "niah:outputs/runs/demo-nsa", "niah:outputs/runs/demo-full",
-        "retrieval:outputs/runs/demo_retrieval-nsa", "retrieval:outputs/runs/demo_retrieval-full"]
+        "retrieval:outputs/runs/demo_retrieval-nsa", "retrieval:outputs/runs/demo_retrieval-full",
+        "niah:outputs/runs/demo_retrieval_niah-nsa", "niah:outputs/runs/demo_retrieval_niah-full"]
     assert all("eval@retrieval=demo_retrieval" in c for c in calls if "task=retrieval" in c)
+    assert all("eval@niah=niah_copy" in c for c in calls if "task=niah" in c)
     assert calls[-1] == ("-m eval.compare outputs/runs/demo-nsa outputs/runs/demo-full outputs/runs/demo_retrieval-nsa "
-                         "outputs/runs/demo_retrieval-full --out outputs/demo")
+                         "outputs/runs/demo_retrieval-full outputs/runs/demo_retrieval_niah-nsa "
+                         "outputs/runs/demo_retrieval_niah-full --out outputs/demo")
     documented = [" ".join(c.split()[:3]) for c in _documented_commands(root / "launch" / "demo.sh")]
-    assert documented == ["python -m data.tokenizer", "python -m data.prepare"] + ["python -m train"] * 2 + [
+    assert documented == ["python -m data.tokenizer", "python -m data.prepare"] + ["python -m train"] * 3 + [
         "python -m eval"] * 3 + ["python -m eval.compare"]
     assert out.rstrip().endswith(f"report: {root}/outputs/demo/report.md")
     report = (root / "outputs/demo/report.md").read_text()
-    assert "## How this report was made" in report and "| train |" in report and "| train-retrieval |" in report
+    assert "## How this report was made" in report and "| train |" in report and "| train-niah |" in report
 
     calls, out = _run(root, "demo.sh", env, log)  # second run: everything up to date
-    assert calls == [] and out.count("up to date, skipped") == 11
+    assert calls == [] and out.count("up to date, skipped") == 12
 
     cfg = root / "configs/experiment/demo.yaml"  # a changed experiment retrains, re-evaluates, re-compares its pair
     cfg.write_text(cfg.read_text() + "\n# changed\n")
     calls, _ = _run(root, "demo.sh", env, log)
-    assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval", "eval", "eval.compare"]
+    assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval.compare"]
 
-    cfg = root / "configs/experiment/demo_retrieval.yaml"
+    cfg = root / "configs/experiment/demo_retrieval.yaml"  # ... and the pair tuned from it
     cfg.write_text(cfg.read_text() + "\n# changed\n")
     calls, _ = _run(root, "demo.sh", env, log)
-    assert [c.split()[1] for c in calls] == ["train", "train", "eval", "eval", "eval.compare"]
+    assert [c.split()[1] for c in calls] == ["train"] * 4 + ["eval"] * 4 + ["eval.compare"]
     assert all("demo_retrieval" in c for c in calls[:-1])
+
+    cfg = root / "configs/experiment/demo_retrieval_niah.yaml"  # only the tuned pair
+    cfg.write_text(cfg.read_text() + "\n# changed\n")
+    calls, _ = _run(root, "demo.sh", env, log)
+    assert [c.split()[1] for c in calls] == ["train"] * 2 + ["eval"] * 2 + ["eval.compare"]
+    assert all("demo_retrieval_niah" in c for c in calls[:-1])
 
     cfg = root / "configs/eval/niah.yaml"  # a changed evaluation config re-evaluates (all tasks), nothing else
     cfg.write_text(cfg.read_text() + "\n# changed\n")
