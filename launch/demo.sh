@@ -323,7 +323,7 @@ if ! grep -q '^## How this report was made' "$OUT/report.md"; then
         echo "\`make demo\` (launch/demo.sh) on $DEVICE_DESC, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
         echo "Runs: \`python -m train experiment=demo attention=nsa|full\` (language models, ~0.6M tokens of code)"
         echo "and \`python -m train experiment=demo_retrieval attention=nsa|full\` (retrieval models: synthetic copy"
-        echo "documents only, NSA window 16) and \`experiment=demo_retrieval_niah\` (the retrieval models, 300 steps"
+        echo "documents only, NSA window 16) and \`experiment=demo_retrieval_niah\` (the retrieval models, 250 steps"
         echo "more with the list hidden in a haystack; the NIAH grid), each pair with the same seed, data order and"
         echo "steps; offline wandb runs under \`outputs/runs/demo*/wandb/\`. The longer retrieval experiment, answers"
         echo "200-900 tokens back: \`launch/retrieval_probe.sh\` (docs/results/retrieval_probe). Stage times:"
