@@ -240,7 +240,7 @@ def test_compare_small_smoke_test_is_not_taken_for_the_real_run(tmp_path):
 
 PROBE_RUNS = {"full": ["attention=full"], "nsa": ["attention=nsa"], "nsa_spec": ["attention=nsa"],
               "nsa_window_only": ["attention=nsa", "attention.branches=[win]"]}
-PROBE_STAGE2 = {"nsa": ["attention.select_distill=0.05"]}  # what stage 2 adds to a run's overrides
+PROBE_STAGE2 = {"nsa": ["attention.select_distill=0.2"]}  # what stage 2 adds to a run's overrides
 PROBE_LOOKUP = {"nsa_spec": "nsa"}  # runs that start from another run's stage 1
 
 
@@ -266,7 +266,7 @@ def test_retrieval_probe_runs_compose_and_differ_only_in_attention():
             if run == "nsa_window_only":
                 assert att["branches"] == ["win"] and att["window"] == 64
         assert plain["full"] == plain["nsa"] == plain["nsa_spec"] == plain["nsa_window_only"]
-        distill = 0.05 if experiment == "retrieval_probe" else 0.0
+        distill = 0.2 if experiment == "retrieval_probe" else 0.0
         assert atts["nsa"] == {**atts["nsa_spec"], "select_distill": distill} and atts["nsa_spec"]["select_distill"] == 0
     stage1, stage2 = (compose([f"experiment={e}"]) for e in ("retrieval_probe_lookup", "retrieval_probe"))
     assert stage1.model == stage2.model
