@@ -114,6 +114,11 @@ class NSAConfig:
         if w > 0 and "slc" not in branches:
             raise ValueError(f"select_distill > 0 trains the block selection: it needs the slc branch, "
                              f"got branches {list(branches)}")
+        free = self.num_select - self.num_init - self.num_local
+        if w > 0 and free < 2:
+            # the loss compares two distributions over the freely chosen blocks: over one block both are 1
+            raise ValueError(f"select_distill > 0 needs at least 2 freely chosen blocks, got num_select - num_init "
+                             f"- num_local = {free}: with fewer the loss ranks nothing and is always 0")
 
 
 class BlockCompressor(nn.Module):

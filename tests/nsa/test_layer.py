@@ -69,6 +69,7 @@ def tables(B: int, T: int, head_dim: int, start: int = 0):
         (dict(select_distill=True), "select_distill"),
         (dict(select_distill=float("inf")), "select_distill"),
         (dict(select_distill=0.1, branches=("cmp", "win")), "slc branch"),
+        (dict(select_distill=0.1), "2 freely chosen blocks"),  # SMALL: 3 selected, 2 of them forced
     ],
 )
 def test_config_rejects_impossible_settings(bad, match):

@@ -61,6 +61,7 @@ def test_model_validate_errors(change, words):
     (dict(gate_weight_scale=-1.0), "gate_weight_scale"),
     (dict(select_distill=-1.0), "select_distill"),
     (dict(select_distill=0.1, branches=["win"]), "slc branch"),
+    (dict(select_distill=0.1, num_select=4), "2 freely chosen blocks"),  # compare_small's selection: one free block
 ])
 def test_attention_validate_errors(change, words):
     with pytest.raises(ValueError, match=words):
