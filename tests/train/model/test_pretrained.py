@@ -84,7 +84,7 @@ def test_load_weights_starts_a_run_from_an_export(tmp_path):
     load_weights(dst, tmp_path / "run", longer, acfg)
     for (name, a), b in zip(dst.state_dict().items(), src.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    distilled = replace(acfg, select_distill=0.1)  # a training loss, not what a weight means
+    distilled = replace(acfg, select_distill=0.1, num_select=4)  # a training loss (and a sparsity), not what a weight means
     load_weights(build_model(cfg, distilled), tmp_path / "run", cfg, distilled)
     with pytest.raises(ValueError, match="differs from this run's in hidden_size"):
         load_weights(build_model(replace(cfg, hidden_size=32), acfg), tmp_path / "run",
