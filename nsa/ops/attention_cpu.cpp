@@ -8,11 +8,12 @@
 //               non-causal indices ignored)
 //   compressed  compressed blocks [0, nvis(t)), nvis(t) = floor((t + 1 - l) / d) + 1 (0 if t + 1 < l)
 // so one kernel does all three. Work unit: a group of queries of one KV head, their G query heads
-// together (the paper's group-centric order): the selected branch one query at a time over its
-// blocks; the window and compressed branches QG consecutive queries over the union of their
-// ranges, each row masking the few keys outside its own (see group_spans). Scores are built span
-// by span into a row buffer, softmaxed once, then multiplied by V span by span; no gathered copies
-// of K/V. The compressed branch also picks the selected blocks from its own probabilities
+// together (the paper's group-centric order): the window and compressed branches QG consecutive
+// queries over the union of their ranges, each row masking the few keys outside its own (see
+// group_spans); the selected branch the QB queries of a task block by block, each selected block's
+// K / V tile read once for all the task's queries that picked it (see selected_pairs). Scores are
+// built span by span into a row buffer (the selected branch: a slab per query and block), softmaxed
+// once, then multiplied by V span by span; no gathered copies of K/V. The compressed branch also picks the selected blocks from its own probabilities
 // (nsa/ops/select_blocks/reference.py: overlap weighting, forced blocks, top-n, ties to the lower
 // index), as compressed_attention_and_select does.
 //
@@ -25,7 +26,8 @@
 // Backward per query: scores and dP = dO V^T recomputed, and P with them, by the forward's own
 // softmax (its row max and sum come back with the scores, so no lse is kept), delta = rowsum(P * dP)
 // (equal to rowsum(dO * O), so O is not needed; it is also the gate's gradient), dS = gate P
-// (dP - delta + dlse); dQ rows written once, dK / dV rows accumulated. The fused backward also
+// (dP - delta + dlse); dQ rows written once, dK / dV rows accumulated (the selected branch's once
+// per block and task, over all the task's queries that picked it). The fused backward also
 // selects the blocks again from the recomputed compressed probabilities, in the forward's query
 // groups, so the same bits give the same selection and the forward keeps nothing but its output.
 // Threads take whole (batch, KV head) pairs when there are enough of them (nothing shared);
@@ -173,9 +175,9 @@ NSA_INLINE int64_t sel_row(const Args& a, int64_t b, int64_t h, int64_t t, int64
   return a.sel_local ? (t - a.sel_t0) * width : ((b * a.T + t) * a.Hkv + h) * width;
 }
 
-// the selected branch's key spans [st[e], st[e] + ln[e]) of query t in KV head h of row b (its
-// blocks, cut at t, ascending, adjacent ones merged); returns their count
-int64_t selected_spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* st, int64_t* ln) {
+// the selected blocks of query t in KV head h of row b: its valid indices (>= 0, not after t's own
+// block, each once), ascending, into blk; returns their count
+int64_t selected_blocks(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* blk) {
   const int32_t* ix = a.idx + sel_row(a, b, h, t, a.n);
   const int64_t cur = t / a.ls;
   int64_t c = 0;
@@ -184,28 +186,18 @@ int64_t selected_spans(const Args& a, int64_t b, int64_t h, int64_t t, int64_t* 
     bool skip = j < 0 || j > cur;
     for (int64_t f = 0; f < e && !skip; ++f) skip = ix[f] == j;
     if (skip) continue;
-    int64_t pos = c++;  // insert in ascending order of start
-    for (; pos > 0 && st[pos - 1] > j * a.ls; --pos) st[pos] = st[pos - 1], ln[pos] = ln[pos - 1];
-    st[pos] = j * a.ls, ln[pos] = std::min(a.ls, t + 1 - st[pos]);
+    int64_t pos = c++;  // insert in ascending order
+    for (; pos > 0 && blk[pos - 1] > j; --pos) blk[pos] = blk[pos - 1];
+    blk[pos] = j;
   }
-  // adjacent blocks (the local ones always, the initial ones often) become one span: fewer,
-  // longer matmuls, which matters most for short blocks
-  int64_t m = 0;
-  for (int64_t e = 0; e < c; ++e) {
-    if (m > 0 && st[m - 1] + ln[m - 1] == st[e]) {
-      ln[m - 1] += ln[e];
-    } else {
-      st[m] = st[e], ln[m] = ln[e], ++m;
-    }
-  }
-  return m;
+  return c;
 }
 
-// the longest span list's total length: the width of a query's score row
+// the longest span list's total length: the width of a query's score row (the selected branch
+// keeps its scores in slabs instead, see selected_pairs)
 int64_t max_keys(const Args& a) {
   if (a.mode == kWindow) return std::min(a.w, a.T);
-  if (a.mode == kCompressed) return a.S;
-  return std::min(a.n * a.ls, a.T);
+  return a.mode == kCompressed ? a.S : 0;
 }
 
 // scores s[r][0:n] = scale q[r] . K[keys of the spans] for M rows q [M, D] (stride D), s stride ld;
@@ -224,16 +216,14 @@ int64_t span_scores(const float* q, int64_t M, int64_t D, const float* kt, int64
   return n;
 }
 
-// Row groups. The selected branch takes one query at a time (its G rows; its spans are its own
-// blocks). The window and compressed branches take QG consecutive queries at once (QG G rows): the
+// Row groups. The window and compressed branches take QG consecutive queries at once (QG G rows): the
 // ranges of neighbouring queries overlap almost entirely, so the group reads their union once, as
 // one span, and each row masks the few columns outside its own range; its matmuls then have QG
 // times more rows per K/V tile (and dK / dV updates QG times more rows per read-modify-write).
 constexpr int64_t QG = 16;
+static_assert(QB <= QG, "the selected branch takes a task's QB queries at once into rows sized for QG");
 
-int64_t group_size(const Args& a, int64_t t0, int64_t t_end) {
-  return a.mode == kSelected ? 1 : std::min(QG, t_end - t0);
-}
+int64_t group_size(int64_t t0, int64_t t_end) { return std::min(QG, t_end - t0); }
 
 // the keys [lo, hi) query t sees in the window / compressed branch
 NSA_INLINE void own_range(const Args& a, int64_t t, int64_t& lo, int64_t& hi) {
@@ -247,7 +237,6 @@ NSA_INLINE void own_range(const Args& a, int64_t t, int64_t& lo, int64_t& hi) {
 // the spans of queries [t0, t0 + Q) (Q > 1: their union, one span); s rows of queries whose own
 // range is smaller are masked with -inf (G rows per query, stride ld)
 int64_t group_spans(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, int64_t* st, int64_t* ln) {
-  if (a.mode == kSelected) return selected_spans(a, b, h, t0, st, ln);  // Q == 1 (group_size)
   int64_t lo, hi, lo1, hi1;
   own_range(a, t0, lo, hi), own_range(a, t0 + Q - 1, lo1, hi1);
   st[0] = lo, ln[0] = hi1 - lo;
@@ -255,7 +244,6 @@ int64_t group_spans(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 }
 
 void mask_group(const Args& a, int64_t t0, int64_t Q, int64_t u0, int64_t n, float* s, int64_t ld) {
-  if (a.mode == kSelected) return;
   for (int64_t t = t0; t < t0 + Q; ++t) {
     int64_t lo, hi;
     own_range(a, t, lo, hi);
@@ -269,34 +257,47 @@ void mask_group(const Args& a, int64_t t0, int64_t Q, int64_t u0, int64_t n, flo
 
 // ---------------------------------------------------------------------------------------------- forward
 
-// rows g < G of s (n >= 1 columns, -inf up to n rounded to W): s <- exp(s - max) (not normalised:
-// the caller scales the row's P @ V by inv[g] = 1 / sum instead of the whole row), lse[g] = max + log(sum)
-void softmax_lse(float* s, int64_t G, int64_t n, int64_t ld, float* lse, float* inv) {
-  const int64_t nr = (n + W - 1) / W * W;
-  for (int64_t g = 0; g < G; ++g) {
-    float* x = s + g * ld;
-    vf m = splat(kNegInf);
-    for (int64_t i = 0; i < nr; i += W) {
+// A score row is stored as ns segments of len columns each (len a multiple of W): the contiguous
+// row of attend_group / backward_group is one segment; a query's row in the selected branch is its
+// slabs, one per block (selected_forward / selected_backward). seg(e) -> segment e's first float.
+// softmax_row: x <- exp(x - max) (not normalised: the caller scales the row's P @ V by inv = 1 / sum
+// instead of the whole row), lse = max + log(sum); a row with no visible key (all -inf: a masked row
+// of a group, or none selected) becomes 0 with lse = -inf, inv = 0.
+template <class Seg>
+NSA_INLINE void softmax_row(int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
+  vf m = splat(kNegInf);
+  for (int64_t e = 0; e < ns; ++e) {
+    const float* x = seg(e);
+    for (int64_t i = 0; i < len; i += W) {
       const vf v = load(x + i);
       m = v > m ? v : m;
     }
-    float mx = m[0];
-    for (int k = 1; k < W; ++k) mx = std::max(mx, m[k]);
-    if (mx == kNegInf) {  // a row with no visible key (a masked row of a group): o = 0, lse = -inf
-      std::fill(x, x + nr, 0.f);
-      lse[g] = kNegInf, inv[g] = 0.f;
-      continue;
-    }
-    vf sum = vf{};
-    for (int64_t i = 0; i < nr; i += W) {
-      const vf e = vexp(load(x + i) - mx);
-      store(x + i, e);
-      sum += e;
-    }
-    float tot = 0.f;
-    for (int k = 0; k < W; ++k) tot += sum[k];
-    lse[g] = mx + std::log(tot), inv[g] = 1.f / tot;
   }
+  float mx = m[0];
+  for (int k = 1; k < W; ++k) mx = std::max(mx, m[k]);
+  if (mx == kNegInf) {
+    for (int64_t e = 0; e < ns; ++e) std::fill(seg(e), seg(e) + len, 0.f);
+    lse = kNegInf, inv = 0.f;
+    return;
+  }
+  vf sum = vf{};
+  for (int64_t e = 0; e < ns; ++e) {
+    float* x = seg(e);
+    for (int64_t i = 0; i < len; i += W) {
+      const vf v = vexp(load(x + i) - mx);
+      store(x + i, v);
+      sum += v;
+    }
+  }
+  float tot = 0.f;
+  for (int k = 0; k < W; ++k) tot += sum[k];
+  lse = mx + std::log(tot), inv = 1.f / tot;
+}
+
+// softmax_row of rows g < G of s (n >= 1 columns, -inf up to n rounded to W, row stride ld)
+void softmax_lse(float* s, int64_t G, int64_t n, int64_t ld, float* lse, float* inv) {
+  const int64_t nr = (n + W - 1) / W * W;
+  for (int64_t g = 0; g < G; ++g) softmax_row(1, nr, [&](int64_t) { return s + g * ld; }, lse[g], inv[g]);
 }
 
 // the selected blocks of query t from its compressed probabilities p [G, nv] (stride ld), as
@@ -318,9 +319,17 @@ void select_query(const Args& a, int64_t b, int64_t h, int64_t t, const float* p
   for (int64_t e = 0; e < a.num_select; ++e) out[e] = e < k ? static_cast<int32_t>(top[e]) : -1;
 }
 
+struct Pair {  // selected block j of query t0 + i of a task, its first len keys visible to the query
+  int64_t j, i, len;
+};
+
 struct Scratch {
   std::vector<float> s, dp, qb, db, ob, dqb, lse, inv, sel;
   std::vector<int64_t> st, ln, top;
+  // the selected branch by block (selected_forward / _backward): score slabs, packed rows, pairs
+  std::vector<float> ps, dps, px;
+  std::vector<int64_t> nslab, slab;
+  std::vector<Pair> pairs;
   int64_t ld = 0;
   void init(const Args* const* branches, int64_t count) {
     int64_t keys = 0, n = 1, G = 0, Dk = 0, Dv = 0;
@@ -396,6 +405,38 @@ void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Sc
 
 // ---------------------------------------------------------------------------------------------- backward
 
+// dS of one score row (segments as softmax_row's: sx(e) of exp(S - max), sy(e) of dP) of global row
+// r, with its lse and inv = 1 / sum from softmax_row: x <- gate P, y <- dS = gate P (dP - delta +
+// dlse), dgate[r lgs] <- delta = rowsum(P * dP) (see backward_group)
+template <class SegX, class SegY>
+NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float lse, float inv,
+                            int64_t r, const float* gate, float* dgate, int64_t lgs) {
+  if (lse == kNegInf) {  // nothing visible: no gradient (softmax_row zeroed x)
+    for (int64_t e = 0; e < ns; ++e) std::fill(sy(e), sy(e) + len, 0.f);
+    if (dgate != nullptr) dgate[r * lgs] = 0.f;
+    return;
+  }
+  vf acc = vf{};
+  for (int64_t e = 0; e < ns; ++e) {
+    const float *x = sx(e), *y = sy(e);
+    for (int64_t i = 0; i < len; i += W) acc += load(x + i) * load(y + i);
+  }
+  float delta = 0.f;
+  for (int k = 0; k < W; ++k) delta += acc[k];
+  delta *= inv;
+  if (dgate != nullptr) dgate[r * lgs] = delta;
+  if (a.dlse != nullptr) delta -= a.dlse[r];
+  const float pscale = inv * (gate != nullptr ? gate[r * lgs] : 1.f);
+  for (int64_t e = 0; e < ns; ++e) {
+    float *x = sx(e), *y = sy(e);
+    for (int64_t i = 0; i < len; i += W) {
+      const vf p = load(x + i) * pscale;
+      store(x + i, p);
+      store(y + i, p * (load(y + i) - delta));
+    }
+  }
+}
+
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
 // [B, T, H, Dk] (+=), dK / dV rows of dkh, dvh ([S, D] of this (b, h); +=). P is recomputed as the
 // forward computed it (softmax_rows, in the same query groups), so nothing of the forward is kept:
@@ -419,28 +460,9 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
   gather_rows(a, a.dout, a.Dv, b, h, t0, Q, db);
   span_scores(db, M, a.Dv, a.vT + bh * a.NT * a.Dv * TW, ns, st, ln, dp, ld, 1.f, 0.f);
   const int64_t nr = (n + W - 1) / W * W;
-  for (int64_t m = 0; m < M; ++m) {  // s <- gate P, dp <- dS = gate P (dP - delta)
-    float *x = s + m * ld, *y = dp + m * ld;
-    const int64_t r = grow(m);
-    if (w.lse[m] == kNegInf) {  // nothing visible: no gradient (softmax_lse zeroed x)
-      std::fill(y, y + nr, 0.f);
-      if (dgate != nullptr) dgate[r * lgs] = 0.f;
-      continue;
-    }
-    vf acc = vf{};
-    for (int64_t i = 0; i < nr; i += W) acc += load(x + i) * load(y + i);
-    float delta = 0.f;
-    for (int k = 0; k < W; ++k) delta += acc[k];
-    delta *= w.inv[m];
-    if (dgate != nullptr) dgate[r * lgs] = delta;
-    if (a.dlse != nullptr) delta -= a.dlse[r];
-    const float pscale = w.inv[m] * (gate != nullptr ? gate[r * lgs] : 1.f);
-    for (int64_t i = 0; i < nr; i += W) {
-      const vf p = load(x + i) * pscale;
-      store(x + i, p);
-      store(y + i, p * (load(y + i) - delta));
-    }
-  }
+  for (int64_t m = 0; m < M; ++m)
+    dscores_row(a, 1, nr, [&](int64_t) { return s + m * ld; }, [&](int64_t) { return dp + m * ld; }, w.lse[m],
+                w.inv[m], grow(m), gate, dgate, lgs);
   const int64_t ldk = a.Hkv * a.Dk;  // K rows of head h
   const float* kh = a.k + b * a.S * ldk + h * a.Dk;
   std::fill(dqb, dqb + M * a.Dk, 0.f);
@@ -454,6 +476,143 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
     const float* x = dqb + m * a.Dk;
     for (int64_t e = 0; e < a.Dk; ++e) y[e] += x[e];
   }
+}
+
+// ---------------------------------------------------------------------------------------------- selected, by block
+
+// The selected branch over the queries [t0, t1) of one task (t1 - t0 <= QB), block by block instead
+// of query by query. The queries of a task select overlapping blocks (the initial and local ones
+// all of them), so each block's K / V tiles are read once for all the queries that selected it
+// while they are in cache, and in the backward its dK / dV rows are one matmul over all their head
+// rows (inner dimension G x queries instead of G). Each (query, block) pair's scores live in a slab
+// [G, lp] of w.ps (and dP / dS of w.dps), the slabs in block order, so a block's slabs are one
+// matrix; a query's row is its slabs in ascending block order. The per-row arithmetic is
+// backward_group's and attend_group's; with lp == l' (blocks a multiple of W) the bits are too.
+
+// the pairs of queries [t0, t1) sorted by block (w.pairs), each query's slabs in ascending block
+// order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
+void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, bool with_dp) {
+  const int64_t Q = t1 - t0, lp = (a.ls + W - 1) / W * W;
+  w.pairs.clear();
+  for (int64_t i = 0; i < Q; ++i) {
+    const int64_t nb = selected_blocks(a, b, h, t0 + i, w.st.data());
+    for (int64_t e = 0; e < nb; ++e) w.pairs.push_back({w.st[e], i, std::min(a.ls, t0 + i + 1 - w.st[e] * a.ls)});
+  }
+  std::sort(w.pairs.begin(), w.pairs.end(),
+            [](const Pair& x, const Pair& y) { return x.j != y.j ? x.j < y.j : x.i < y.i; });
+  w.nslab.assign(Q, 0), w.slab.resize(Q * a.n);
+  for (size_t k = 0; k < w.pairs.size(); ++k) {
+    const int64_t i = w.pairs[k].i;
+    w.slab[i * a.n + w.nslab[i]++] = static_cast<int64_t>(k);
+  }
+  const size_t need = w.pairs.size() * a.G * lp;
+  if (w.ps.size() < need) w.ps.resize(need);
+  if (with_dp && w.dps.size() < need) w.dps.resize(need);
+}
+
+// per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp: the
+// block's K (V) tile is read once for all its queries; q rows of the task in w.qb (dO rows in w.db)
+void selected_scores(const Args& a, int64_t b, int64_t h, Scratch& w, bool dp) {
+  const int64_t G = a.G, lp = (a.ls + W - 1) / W * W, bh = b * a.Hkv + h;
+  const float* tiles[2] = {a.kT + bh * a.NT * a.Dk * TW, dp ? a.vT + bh * a.NT * a.Dv * TW : nullptr};
+  const float* rows[2] = {w.qb.data(), w.db.data()};
+  float* out[2] = {w.ps.data(), w.dps.data()};
+  const int64_t D[2] = {a.Dk, a.Dv};
+  const float scale[2] = {a.scale, 1.f}, pad[2] = {kNegInf, 0.f};
+  for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {
+    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == w.pairs[p0].j;) ++p1;
+    for (int x = 0; x < (dp ? 2 : 1); ++x)  // S for the block's queries, then dP: one tile in L1 at a time
+      for (size_t k = p0; k < p1; ++k) {
+        const Pair& p = w.pairs[k];
+        const int64_t st = p.j * a.ls, len = p.len, nr = (len + W - 1) / W * W;
+        float* s = out[x] + k * G * lp;
+        span_scores(rows[x] + p.i * G * D[x], G, D[x], tiles[x], 1, &st, &len, s, lp, scale[x], pad[x]);
+        if (nr < lp)
+          for (int64_t g = 0; g < G; ++g) std::fill(s + g * lp + nr, s + (g + 1) * lp, pad[x]);
+      }
+  }
+}
+
+// the segments of query i's row g in the slabs x (w.ps or w.dps): its slabs, in ascending block order
+struct SlabRow {
+  float* x;
+  const int64_t* slab;
+  int64_t g, G, lp;
+  float* operator()(int64_t e) const { return x + (slab[e] * G + g) * lp; }
+};
+
+// the selected branch's outputs for queries [t0, t1): w.ob [Q G, Dv], w.lse [Q G]
+void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w) {
+  const int64_t G = a.G, Q = t1 - t0, lp = (a.ls + W - 1) / W * W, Dv = a.Dv, ldv = a.Hkv * Dv;
+  selected_pairs(a, b, h, t0, t1, w, false);
+  gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
+  selected_scores(a, b, h, w, false);
+  float *ps = w.ps.data(), *ob = w.ob.data();
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t g = 0; g < G; ++g)
+      softmax_row(w.nslab[i], lp, SlabRow{ps, w.slab.data() + i * a.n, g, G, lp}, w.lse[i * G + g], w.inv[i * G + g]);
+  std::fill(ob, ob + Q * G * Dv, 0.f);
+  const float* vh = a.v + b * a.S * ldv + h * Dv;
+  for (size_t k = 0; k < w.pairs.size(); ++k) {  // o += P V, block by block
+    const Pair& p = w.pairs[k];
+    gemm<true>(ps + k * G * lp, lp, 1, vh + p.j * a.ls * ldv, ldv, p.len, ob + p.i * G * Dv, Dv, G, Dv, 1.f);
+  }
+  for (int64_t m = 0; m < Q * G; ++m)
+    for (int64_t e = 0; e < Dv; ++e) ob[m * Dv + e] *= w.inv[m];
+}
+
+// The selected branch's backward for queries [t0, t1) (backward_group's arguments): S and dP per
+// pair, softmax and dS per query, then per block the dQ of each of its queries and its dK / dV as
+// one matmul each over the block's slabs (their q / dO rows packed beside them).
+void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, float* dq,
+                       float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
+  const int64_t G = a.G, Q = t1 - t0, ls = a.ls, lp = (ls + W - 1) / W * W, Dk = a.Dk, Dv = a.Dv;
+  selected_pairs(a, b, h, t0, t1, w, true);
+  float *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
+  gather_rows(a, a.q, Dk, b, h, t0, Q, qb);
+  gather_rows(a, a.dout, Dv, b, h, t0, Q, db);
+  selected_scores(a, b, h, w, true);
+  float *ps = w.ps.data(), *dps = w.dps.data();
+  const int64_t r0 = (b * a.T + t0) * a.H + h * G;
+  for (int64_t i = 0; i < Q; ++i)  // P and dS per query, over its slabs
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t* sl = w.slab.data() + i * a.n;
+      const SlabRow x{ps, sl, g, G, lp}, y{dps, sl, g, G, lp};
+      float lse, inv;
+      softmax_row(w.nslab[i], lp, x, lse, inv);
+      dscores_row(a, w.nslab[i], lp, x, y, lse, inv, r0 + i * a.H + g, gate, dgate, lgs);
+    }
+  const int64_t ldk = a.Hkv * Dk;  // K rows of head h
+  const float* kh = a.k + b * a.S * ldk + h * Dk;
+  w.px.resize(Q * G * std::max(Dk, Dv));
+  float* px = w.px.data();
+  std::fill(dqb, dqb + Q * G * Dk, 0.f);
+  for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {  // per block: its queries' dQ, then dK, dV
+    const int64_t j = w.pairs[p0].j, st = j * ls;
+    int64_t len = 0;
+    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == j; ++p1) {
+      const Pair& p = w.pairs[p1];
+      len = std::max(len, p.len);
+      gemm<true>(dps + p1 * G * lp, lp, 1, kh + st * ldk, ldk, p.len, dqb + p.i * G * Dk, Dk, G, Dk, a.scale);
+    }
+    // dK += scale dS^T q, dV += P^T dO: the slabs [m, lp] are A^T as they are, the rows beside them
+    const int64_t m = static_cast<int64_t>(p1 - p0) * G;
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* x = pass == 0 ? qb : db;
+      const int64_t D = pass == 0 ? Dk : Dv;
+      for (size_t e = p0; e < p1; ++e)
+        std::memcpy(px + (e - p0) * G * D, x + w.pairs[e].i * G * D, G * D * sizeof(float));
+      const float* A = (pass == 0 ? dps : ps) + p0 * G * lp;
+      float* y = pass == 0 ? dkh + st * Dk : dvh + st * Dv;
+      gemm<true>(A, 1, lp, px, D, m, y, D, len, D, pass == 0 ? a.scale : 1.f);
+    }
+  }
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      float* y = dq + (r0 + i * a.H + g) * Dk;
+      const float* x = dqb + (i * G + g) * Dk;
+      for (int64_t e = 0; e < Dk; ++e) y[e] += x[e];
+    }
 }
 
 // Work split of a backward: whole (b, h) pairs per task when there are as many as threads, else
@@ -552,8 +711,13 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, 
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t bh = i / nq, b = bh / a.Hkv, h = bh % a.Hkv, t0 = (i % nq) * QB, t1 = std::min(a.T, t0 + QB);
       for (int64_t t = t0, Q; t < t1; t += Q) {
-        Q = group_size(a, t, t1);
-        attend_group(a, b, h, t, Q, w);
+        if (mode == kSelected) {  // the task's queries at once
+          Q = t1 - t;
+          selected_forward(a, b, h, t, t1, w);
+        } else {
+          Q = group_size(t, t1);
+          attend_group(a, b, h, t, Q, w);
+        }
         for (int64_t m = 0; m < Q * a.G; ++m) {
           const int64_t r = (b * a.T + t + m / a.G) * a.H + h * a.G + m % a.G;
           std::memcpy(op + r * a.Dv, w.ob.data() + m * a.Dv, a.Dv * sizeof(float));
@@ -598,7 +762,12 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
       float* dk = buf != nullptr ? buf : dkp + bh * a.S * a.Dk;
       float* dv = buf != nullptr ? buf + a.S * a.Dk : dvp + bh * a.S * a.Dv;
       for (int64_t t = split.cut[p], Q; t < split.cut[p + 1]; t += Q) {
-        Q = group_size(a, t, split.cut[p + 1]);
+        if (mode == kSelected) {
+          Q = std::min(QB, split.cut[p + 1] - t);
+          selected_backward(a, b, h, t, t + Q, w, dqp, dk, dv, nullptr, nullptr, 0);
+          continue;
+        }
+        Q = group_size(t, split.cut[p + 1]);
         backward_group(a, b, h, t, Q, w, dqp, dk, dv, nullptr, nullptr, 0);
       }
     }
@@ -706,8 +875,13 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
         if (!f.run[c]) continue;
         const Args& a = mine.br[c];
         for (int64_t t = t0, Q; t < t1; t += Q) {
-          Q = group_size(a, t, t1);
-          attend_group(a, b, h, t, Q, w);
+          if (c == 1) {  // the selected branch: the task's queries at once
+            Q = t1 - t;
+            selected_forward(a, b, h, t, t1, w);
+          } else {
+            Q = group_size(t, t1);
+            attend_group(a, b, h, t, Q, w);
+          }
           if (!f.on[c]) continue;
           for (int64_t m = 0; m < Q * G; ++m) {
             const int64_t r = (b * T + t + m / G) * H + h * G + m % G;
@@ -780,8 +954,12 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
           if (!f.run[c]) continue;
           const Args& a = mine.br[c];
           const float* gate = f.gates != nullptr ? f.gates + c : nullptr;
+          if (c == 1) {
+            selected_backward(a, b, h, t0, t1, w, dqp, dk[c], dv[c], gate, dgp + c, 3);
+            continue;
+          }
           for (int64_t t = t0, Q; t < t1; t += Q) {
-            Q = group_size(a, t, t1);
+            Q = group_size(t, t1);
             if (f.on[c]) {
               backward_group(a, b, h, t, Q, w, dqp, dk[c], dv[c], gate, dgp + c, 3);
             } else {
