@@ -200,15 +200,87 @@ int64_t max_keys(const Args& a) {
   return a.mode == kCompressed ? a.S : 0;
 }
 
+// ---------------------------------------------------------------------------------------------- tiles
+
+// one level of a W x W transpose in registers: rows i and i | S swap their off-diagonal S x S blocks
+template <int S>
+NSA_INLINE void transpose_level(vf* r) {
+  vi lo, hi;
+  for (int l = 0; l < W; ++l) lo[l] = (l & S) ? W + (l ^ S) : l, hi[l] = (l & S) ? W + l : (l ^ S);
+  for (int i = 0; i < W; ++i)
+    if (!(i & S)) {
+      const vf a = r[i], b = r[i | S];
+      r[i] = __builtin_shuffle(a, b, lo), r[i | S] = __builtin_shuffle(a, b, hi);
+    }
+}
+
+// out [D, TW] = the first n <= TW of the key rows (stride ldr, D floats each) transposed, zeros after
+void transpose_tile(const float* rows, int64_t ldr, int64_t n, int64_t D, float* out) {
+  const int64_t nw = n - n % W, dw = D - D % W;
+  for (int64_t c0 = 0; c0 < nw; c0 += W)
+    for (int64_t d0 = 0; d0 < dw; d0 += W) {  // W x W blocks in registers
+      vf r[W];
+      for (int i = 0; i < W; ++i) r[i] = load(rows + (c0 + i) * ldr + d0);
+      if constexpr (W >= 16) transpose_level<8>(r);
+      if constexpr (W >= 8) transpose_level<4>(r);
+      transpose_level<2>(r), transpose_level<1>(r);
+      for (int i = 0; i < W; ++i) store(out + (d0 + i) * TW + c0, r[i]);
+    }
+  for (int64_t d = 0; d < D; ++d) {
+    float* o = out + d * TW;
+    for (int64_t c = (d < dw ? nw : 0); c < n; ++c) o[c] = rows[c * ldr + d];
+    std::fill(o + n, o + TW, 0.f);
+  }
+}
+
+// A thread's transposed tiles of one branch's K, made as span_scores asks for them, in a ring of
+// slots indexed by tile number (a span of up to slots - 1 tiles never evicts its own), for a
+// forward given no kT: then it holds no transposed copy of the whole sequence. Cheap for the
+// window branch, whose tiles each serve the ~w / QB groups the window slides over; the selected
+// branch's random blocks would each be fetched and transposed once per task (~25% more forward
+// time at 8k, measured), so nsa/ops/attention_cpu.py gives it kT.
+struct TileCache {
+  std::vector<float> buf;
+  std::vector<const float*> rows_of;
+  std::vector<int64_t> tile_of;
+  int64_t slots = 0, size = 0;
+  void init(int64_t n, int64_t D) {
+    slots = n, size = D * TW + W;  // a vector of zeros after each: whole-vector reads past a span's end
+    buf.assign(n * size, 0.f), rows_of.assign(n, nullptr), tile_of.assign(n, -1);
+  }
+  // tile t of the key rows (the (b, h) pair's, stride ldr, S of them): [D, TW]
+  const float* get(const float* rows, int64_t ldr, int64_t S, int64_t D, int64_t t) {
+    const int64_t k = t % slots;
+    float* out = buf.data() + k * size;
+    if (rows_of[k] != rows || tile_of[k] != t) {
+      transpose_tile(rows + t * TW * ldr, ldr, std::min(TW, S - t * TW), D, out);
+      rows_of[k] = rows, tile_of[k] = t;
+    }
+    return out;
+  }
+};
+
+// tile t of one (b, h) pair's K^T (or V^T), [D, TW]: from the precomputed tiles (kT / vT) when given,
+// else from the thread's TileCache
+struct Tiles {
+  const float* pre;  // the pair's [NT, D, TW], or null
+  const float* rows;  // the pair's first key row (stride ldr), when pre is null
+  int64_t ldr, S, D;
+  TileCache* cache;
+  NSA_INLINE const float* operator()(int64_t t) const {
+    return pre != nullptr ? pre + t * D * TW : cache->get(rows, ldr, S, D, t);
+  }
+};
+
 // scores s[r][0:n] = scale q[r] . K[keys of the spans] for M rows q [M, D] (stride D), s stride ld;
-// kt: the (b, h) pair's tiled K^T [NT, D, TW]; columns [n, n rounded up to W) are set to pad
-int64_t span_scores(const float* q, int64_t M, int64_t D, const float* kt, int64_t ns, const int64_t* st,
+// kt: the (b, h) pair's K^T tiles; columns [n, n rounded up to W) are set to pad
+int64_t span_scores(const float* q, int64_t M, int64_t D, const Tiles& kt, int64_t ns, const int64_t* st,
                     const int64_t* ln, float* s, int64_t ld, float scale, float pad) {
   int64_t n = 0;
   for (int64_t e = 0; e < ns; ++e)
     for (int64_t pos = st[e], end = st[e] + ln[e]; pos < end;) {  // one tile at a time
       const int64_t off = pos % TW, len = std::min(end - pos, TW - off);
-      gemm<false, true>(q, D, 1, kt + (pos / TW) * D * TW + off, TW, D, s + n, ld, M, len, scale);
+      gemm<false, true>(q, D, 1, kt(pos / TW) + off, TW, D, s + n, ld, M, len, scale);
       n += len, pos += len;
     }
   const int64_t nr = (n + W - 1) / W * W;
@@ -330,6 +402,7 @@ struct Scratch {
   std::vector<float> ps, dps, px;
   std::vector<int64_t> nslab, slab;
   std::vector<Pair> pairs;
+  TileCache tiles[3];  // per mode: K^T tiles of a branch given no kT
   int64_t ld = 0;
   void init(const Args* const* branches, int64_t count) {
     int64_t keys = 0, n = 1, G = 0, Dk = 0, Dv = 0;
@@ -337,6 +410,10 @@ struct Scratch {
       if (branches[c] != nullptr) {
         const Args& a = *branches[c];
         keys = std::max(keys, max_keys(a) + QG), n = std::max(n, a.n), G = a.G, Dk = a.Dk, Dv = a.Dv;
+        // the tiles a span can cover (+ 1), so that it never evicts its own: the window's union
+        // span, every compressed key, one selected block at a time
+        const int64_t span = a.mode == kSelected ? a.ls : max_keys(a) + QG;
+        if (a.kT == nullptr) tiles[a.mode].init(span / TW + 3, a.Dk);
       }
     const int64_t M = QG * G;
     ld = (keys + 2 * W - 1) / W * W;
@@ -344,6 +421,17 @@ struct Scratch {
     dqb.resize(M * Dk), lse.resize(M), inv.resize(M), st.resize(n), ln.resize(n);
   }
 };
+
+// the (b, h) pair's K^T tiles of branch a (its kT, or made here into w's cache) and V^T tiles (vT:
+// the backward's, always given)
+NSA_INLINE Tiles k_tiles(const Args& a, int64_t b, int64_t h, Scratch& w) {
+  const int64_t ldk = a.Hkv * a.Dk, bh = b * a.Hkv + h;
+  return {a.kT != nullptr ? a.kT + bh * a.NT * a.Dk * TW : nullptr, a.k + b * a.S * ldk + h * a.Dk, ldk, a.S, a.Dk,
+          &w.tiles[a.mode]};
+}
+NSA_INLINE Tiles v_tiles(const Args& a, int64_t b, int64_t h) {
+  return {a.vT + (b * a.Hkv + h) * a.NT * a.Dv * TW, nullptr, 0, a.S, a.Dv, nullptr};
+}
 
 // rows [t0, t0 + Q) x G of x [B, T, H, D] (KV head h of row b) -> y [Q G, D]
 NSA_INLINE void gather_rows(const Args& a, const float* x, int64_t D, int64_t b, int64_t h, int64_t t0, int64_t Q,
@@ -370,11 +458,11 @@ void select_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, in
 // nothing is visible), and for the compressed branch with a.sel set the selected blocks. Returns n,
 // the columns of the score rows (0: no key visible to any of them).
 int64_t softmax_rows(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, int64_t& ns) {
-  const int64_t M = Q * a.G, bh = b * a.Hkv + h;
+  const int64_t M = Q * a.G;
   float* s = w.s.data();
   gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
   ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
-  const int64_t n = span_scores(w.qb.data(), M, a.Dk, a.kT + bh * a.NT * a.Dk * TW, ns, w.st.data(), w.ln.data(),
+  const int64_t n = span_scores(w.qb.data(), M, a.Dk, k_tiles(a, b, h, w), ns, w.st.data(), w.ln.data(),
                                 s, w.ld, a.scale, kNegInf);
   if (n == 0) {
     std::fill(w.lse.begin(), w.lse.begin() + M, kNegInf);
@@ -445,7 +533,7 @@ NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, Seg
 // branch's output in o (null: 1); dgate[r lgs] (if not null) <- rowsum(dO * o_branch) = rowsum(P * dP)
 void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, float* dq, float* dkh,
                     float* dvh, const float* gate, float* dgate, int64_t lgs) {
-  const int64_t G = a.G, M = Q * G, bh = b * a.Hkv + h, ld = w.ld, r0 = (b * a.T + t0) * a.H + h * G;
+  const int64_t G = a.G, M = Q * G, ld = w.ld, r0 = (b * a.T + t0) * a.H + h * G;
   float *s = w.s.data(), *dp = w.dp.data(), *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
   const int64_t* st = w.st.data();
   const int64_t* ln = w.ln.data();
@@ -458,7 +546,7 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
     return;
   }
   gather_rows(a, a.dout, a.Dv, b, h, t0, Q, db);
-  span_scores(db, M, a.Dv, a.vT + bh * a.NT * a.Dv * TW, ns, st, ln, dp, ld, 1.f, 0.f);
+  span_scores(db, M, a.Dv, v_tiles(a, b, h), ns, st, ln, dp, ld, 1.f, 0.f);
   const int64_t nr = (n + W - 1) / W * W;
   for (int64_t m = 0; m < M; ++m)
     dscores_row(a, 1, nr, [&](int64_t) { return s + m * ld; }, [&](int64_t) { return dp + m * ld; }, w.lse[m],
@@ -513,8 +601,8 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
 // per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp: the
 // block's K (V) tile is read once for all its queries; q rows of the task in w.qb (dO rows in w.db)
 void selected_scores(const Args& a, int64_t b, int64_t h, Scratch& w, bool dp) {
-  const int64_t G = a.G, lp = (a.ls + W - 1) / W * W, bh = b * a.Hkv + h;
-  const float* tiles[2] = {a.kT + bh * a.NT * a.Dk * TW, dp ? a.vT + bh * a.NT * a.Dv * TW : nullptr};
+  const int64_t G = a.G, lp = (a.ls + W - 1) / W * W;
+  const Tiles tiles[2] = {k_tiles(a, b, h, w), dp ? v_tiles(a, b, h) : Tiles{}};
   const float* rows[2] = {w.qb.data(), w.db.data()};
   float* out[2] = {w.ps.data(), w.dps.data()};
   const int64_t D[2] = {a.Dk, a.Dv};
@@ -658,20 +746,24 @@ void check_f32(const Tensor& x, const char* name, int64_t dim) {
 
 Args make_args(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& idx,
                int64_t mode, int64_t window, int64_t select_len, int64_t block_len, int64_t stride, double scale) {
-  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(kT, "kT", 5), check_f32(v, "v", 4);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
   Args a{};
   a.B = q.size(0), a.T = q.size(1), a.H = q.size(2), a.Dk = q.size(3);
-  a.S = k.size(1), a.Hkv = k.size(2), a.Dv = v.size(3), a.NT = kT.size(2);
+  a.S = k.size(1), a.Hkv = k.size(2), a.Dv = v.size(3);
   TORCH_CHECK(k.size(0) == a.B && k.size(3) == a.Dk && a.H % a.Hkv == 0, "nsa attention_cpu: bad k shape");
   TORCH_CHECK(v.size(0) == a.B && v.size(1) == a.S && v.size(2) == a.Hkv, "nsa attention_cpu: bad v shape");
-  TORCH_CHECK(kT.size(0) == a.B && kT.size(1) == a.Hkv && kT.size(3) == a.Dk && kT.size(4) == TW &&
-                  a.NT * TW >= a.S + TW,
-              "nsa attention_cpu: kT must be [B, Hkv, >= S / 64 + 1, Dk, 64]");
+  if (kT.numel() > 0) {  // else the forward makes the tiles it reads (TileCache)
+    check_f32(kT, "kT", 5);
+    a.NT = kT.size(2), a.kT = kT.data_ptr<float>();
+    TORCH_CHECK(kT.size(0) == a.B && kT.size(1) == a.Hkv && kT.size(3) == a.Dk && kT.size(4) == TW &&
+                    a.NT * TW >= a.S + TW,
+                "nsa attention_cpu: kT must be [B, Hkv, >= S / 64 + 1, Dk, 64] (or empty)");
+  }
   TORCH_CHECK(mode == kWindow || mode == kSelected || mode == kCompressed, "nsa attention_cpu: bad mode");
   TORCH_CHECK(mode == kCompressed || a.S == a.T, "nsa attention_cpu: keys and queries differ in length");
   a.G = a.H / a.Hkv, a.mode = mode, a.w = window, a.ls = select_len, a.l = block_len, a.d = stride;
   a.scale = static_cast<float>(scale);
-  a.q = q.data_ptr<float>(), a.k = k.data_ptr<float>(), a.kT = kT.data_ptr<float>(), a.v = v.data_ptr<float>();
+  a.q = q.data_ptr<float>(), a.k = k.data_ptr<float>(), a.v = v.data_ptr<float>();
   if (mode == kSelected) {
     TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 4 &&
                     idx.size(0) == a.B && idx.size(1) == a.T && idx.size(2) == a.Hkv && select_len > 0,
@@ -739,6 +831,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
   TORCH_CHECK(vT.size(2) == a.NT && vT.size(3) == a.Dv && vT.size(4) == TW && dout.size(3) == a.Dv &&
                   dout.size(1) == a.T && dout.size(2) == a.H,
               "nsa attention_cpu: vT or dout shape");
+  TORCH_CHECK(a.kT != nullptr, "nsa attention_cpu: the backward needs kT");
   a.vT = vT.data_ptr<float>(), a.dout = dout.data_ptr<float>();
   if (dlse.numel() > 0) {
     check_f32(dlse, "dlse", 3);
@@ -922,6 +1015,7 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
     Args& a = f.br[c];
     check_f32(vT[c], "vT", 5);
     TORCH_CHECK(vT[c].size(2) == a.NT && vT[c].size(3) == a.Dv && vT[c].size(4) == TW, "nsa attention_cpu: vT shape");
+    TORCH_CHECK(a.kT != nullptr, "nsa attention_cpu: the backward needs kT");
     a.vT = vT[c].data_ptr<float>(), a.dout = dout.data_ptr<float>();
     dkh[c] = at::zeros({B, Hkv, a.S, a.Dk}, q.options()), dvh[c] = at::zeros({B, Hkv, a.S, a.Dv}, q.options());
     offset[c] = per_task, per_task += a.S * (a.Dk + a.Dv);

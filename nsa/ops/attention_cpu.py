@@ -46,10 +46,21 @@ def _tiled_t(x: torch.Tensor) -> torch.Tensor:
     return x.view(B, nt, TILE, Hkv, D).permute(0, 3, 1, 4, 2).contiguous()
 
 
-def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool):
+def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool, with_kt: bool = True):
     """``k [B,S,Hkv,Dk]``, ``v`` as they are (made contiguous: the op reads a head's rows ``Hkv D``
-    apart); tiled transposed ``kT`` (and ``vT``), see :func:`_tiled_t`."""
-    return k.contiguous(), _tiled_t(k), v.contiguous(), (_tiled_t(v) if with_vt else None)
+    apart); tiled transposed ``kT`` (an empty tensor unless ``with_kt``) and ``vT``, see
+    :func:`_tiled_t`."""
+    kt = _tiled_t(k) if with_kt else torch.empty(0)
+    return k.contiguous(), kt, v.contiguous(), (_tiled_t(v) if with_vt else None)
+
+
+def _forward_kt(mode: int, window: int, seqlen: int) -> bool:
+    """Whether a forward hands the op a transposed copy of the branch's whole K (``kT``): all but a
+    window over less than a quarter of the sequence, whose tiles the op transposes as it slides (a
+    few per thread, each used by every query group that sees it), so that branch's forward holds
+    no copy of K. The selected branch reads random blocks: transposing them as it goes cost ~25%
+    of its forward at 8k (attention_cpu.cpp, TileCache)."""
+    return mode != WINDOW or 4 * window >= seqlen
 
 
 class BranchAttention(torch.autograd.Function):
@@ -59,7 +70,7 @@ class BranchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, mode, params, select):
         q = q.contiguous()
-        kc, kt, vc, _ = _layouts(k, v, False)
+        kc, kt, vc, _ = _layouts(k, v, False, _forward_kt(mode, params[0], k.shape[1]))
         ix = _NO_INDEX if idx is None else idx
         o, lse, sel = cpu_build.require().attention_forward(q, kc, kt, vc, ix, mode, *params, *select)
         ctx.save_for_backward(q, k, v, idx)
@@ -104,18 +115,19 @@ def compressed_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale: fl
     return (o, lse, idx) if select is not None else (o, lse)
 
 
-def _branch_layouts(pairs, run, with_vt: bool):
-    """Per branch (compressed, selected, window): ``(k, kT, v, vT)`` of its ``(k, v)`` when it runs,
-    empty tensors otherwise; a K/V pair shared between branches is laid out once."""
+def _branch_layouts(pairs, run, with_vt: bool, with_kt=(True, True, True)):
+    """Per branch (compressed, selected, window): ``(k, kT, v, vT)`` of its ``(k, v)`` when it runs
+    (``kT`` empty where ``with_kt`` says no), empty tensors otherwise; a K/V pair shared between
+    branches is laid out once."""
     empty = torch.empty(0)
     done, out = {}, []
-    for (k, v), r in zip(pairs, run, strict=True):
+    for (k, v), r, wk in zip(pairs, run, with_kt, strict=True):
         if not r:
             out.append((empty, empty, empty, empty))
             continue
-        key = (id(k), id(v))
+        key = (id(k), id(v), wk)
         if key not in done:
-            kc, kt, vc, vt = _layouts(k, v, with_vt)
+            kc, kt, vc, vt = _layouts(k, v, with_vt, wk)
             done[key] = (kc, kt, vc, vt if vt is not None else empty)
         out.append(done[key])
     return [list(x) for x in zip(*out, strict=True)]
@@ -131,7 +143,8 @@ class NativeSparseAttention(torch.autograd.Function):
         q = q.contiguous()
         pairs = ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win))
         ctx.run = (on[0] or on[1], on[1], on[2])  # the compressed branch also runs to select
-        kc, kt, vc, _ = _branch_layouts(pairs, ctx.run, False)
+        with_kt = tuple(_forward_kt(m, params[0], q.shape[1]) for m in (COMPRESSED, SELECTED, WINDOW))
+        kc, kt, vc, _ = _branch_layouts(pairs, ctx.run, False, with_kt)
         g = torch.empty(0) if gates is None else gates.contiguous()
         o, sel = cpu_build.require().nsa_forward(q, kc, kt, vc, list(on), g, *params, *select, keep_selection)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g if gates is not None else None)

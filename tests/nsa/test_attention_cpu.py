@@ -134,6 +134,28 @@ def test_backend_resolution(monkeypatch):
     assert bf.relerr(o, bf.sliding_window_attention(q, k, v, 5, 8**-0.5)) < 1e-12
 
 
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_forward_without_kt_transposes_the_same_tiles(case):
+    """Given no kT, a forward transposes the K tiles it reads itself (TileCache in attention_cpu.cpp:
+    W x W register transposes, a scalar tail for Dk no multiple of W, zeros past S): every branch's
+    output, lse and selection are bit-identical to the run on the precomputed tiles."""
+    B, T, H, Hkv, Dk, Dv, l, d, ls, n, w = case
+    q, k, v, kc, vc = bf.make_inputs(B, T, H, Hkv, Dk, Dv, l, d, None, torch.float32, seed=3)
+    idx = bf.random_block_indices(B, T, Hkv, n, ls, None, seed=4).to(torch.int32).contiguous()
+    op, none = cpu_build.require(), torch.empty(0)
+    scale = Dk**-0.5
+    runs = [  # mode, keys, values, block indices, (window, select_len, block_len, stride), (n, init, local)
+        (attention_cpu.WINDOW, k, v, none, (w, 0, 0, 0), (0, 0, 0)),
+        (attention_cpu.SELECTED, k, v, idx, (0, ls, 0, 0), (0, 0, 0)),
+        (attention_cpu.COMPRESSED, kc, vc, none, (0, ls, l, d), (n, 1, 2)),
+    ]
+    for mode, kk, vv, ix, params, select in runs:
+        got = op.attention_forward(q, kk, none, vv, ix, mode, *params, scale, *select)
+        ref = op.attention_forward(q, kk, attention_cpu._tiled_t(kk), vv, ix, mode, *params, scale, *select)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.equal(a, b), mode
+
+
 def test_only_inputs_are_saved():
     """The backward needs neither the output nor a copy of it, nor lse (it recomputes each row's
     softmax): the graph holds q, k, v (the inputs themselves) and, selected, the block indices."""
