@@ -12,6 +12,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #define NSA_INLINE inline __attribute__((always_inline))
 
 namespace nsa_cpu {
@@ -90,10 +94,16 @@ NSA_INLINE vf hsum(const vf* a) {
 NSA_INLINE vf vexp(vf x) {
   const vf lo = splat(-87.3f);
   const vf xc = x < lo ? lo : x;
+#if defined(__AVX512F__)
+  // n = round(x / ln 2) in one instruction and 2^n p by scalef: ~6 of the ~20 instructions less
+  // than the integer route below, the same polynomial (exp is ~15% of a forward's time)
+  const vf nf = _mm512_roundscale_ps(xc * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const vf t = xc * 1.44269504088896341f + 0.5f;
   vi n = __builtin_convertvector(t, vi);  // truncation; floor for the negative t below
   n += (__builtin_convertvector(n, vf) > t);  // true lanes are -1
   const vf nf = __builtin_convertvector(n, vf);
+#endif
   const vf r = (xc - nf * 0.693359375f) - nf * -2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -102,10 +112,15 @@ NSA_INLINE vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  const vf e = _mm512_scalef_ps(p, nf);
+#else
   const vi bits = (n + 127) << 23;
   vf two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < lo ? vf{} : p * two_n;
+  const vf e = p * two_n;
+#endif
+  return x < lo ? vf{} : e;
 }
 
 #ifndef NSA_PREFETCH
