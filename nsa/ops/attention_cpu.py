@@ -120,16 +120,19 @@ def _branch_layouts(pairs, run, with_vt: bool, with_kt=(True, True, True)):
     (``kT`` empty where ``with_kt`` says no), empty tensors otherwise; a K/V pair shared between
     branches is laid out once."""
     empty = torch.empty(0)
-    done, out = {}, []
+    done, tiles, out = {}, {}, []
     for (k, v), r, wk in zip(pairs, run, with_kt, strict=True):
         if not r:
             out.append((empty, empty, empty, empty))
             continue
-        key = (id(k), id(v), wk)
+        key = (id(k), id(v))
         if key not in done:
-            kc, kt, vc, vt = _layouts(k, v, with_vt, wk)
-            done[key] = (kc, kt, vc, vt if vt is not None else empty)
-        out.append(done[key])
+            kc, _, vc, vt = _layouts(k, v, with_vt, False)
+            done[key] = (kc, vc, vt if vt is not None else empty)
+        kc, vc, vt = done[key]
+        if wk and id(k) not in tiles:
+            tiles[id(k)] = _tiled_t(kc)
+        out.append((kc, tiles[id(k)] if wk else empty, vc, vt))
     return [list(x) for x in zip(*out, strict=True)]
 
 

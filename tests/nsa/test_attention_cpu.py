@@ -156,6 +156,19 @@ def test_forward_without_kt_transposes_the_same_tiles(case):
             assert torch.equal(a, b), mode
 
 
+def test_shared_kv_is_laid_out_once():
+    """A K/V pair the selected and window branches share (the layer's one K/V for all branches, a
+    strided view of its projection) is copied contiguous once, whether or not a branch's forward
+    is handed K^T (a short window's is not: the op transposes its tiles itself)."""
+    kv = torch.randn(1, 300, 2, 2, 16)
+    k, v = kv[..., 0, :], kv[..., 1, :]  # [B, T, Hkv, D] views, not contiguous
+    k_cmp, v_cmp = torch.randn(1, 10, 2, 16), torch.randn(1, 10, 2, 16)
+    pairs, run = ((k_cmp, v_cmp), (k, v), (k, v)), (True, True, True)
+    kc, kt, vc, vt = attention_cpu._branch_layouts(pairs, run, True, (True, True, False))
+    assert kc[1] is kc[2] and vc[1] is vc[2] and vt[1] is vt[2] and kc[1].is_contiguous()
+    assert torch.equal(kt[1], attention_cpu._tiled_t(k)) and kt[2].numel() == 0
+
+
 def test_only_inputs_are_saved():
     """The backward needs neither the output nor a copy of it, nor lse (it recomputes each row's
     softmax): the graph holds q, k, v (the inputs themselves) and, selected, the block indices."""
