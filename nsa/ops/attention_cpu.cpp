@@ -703,6 +703,33 @@ void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t 
     }
 }
 
+// One branch over the next queries of [t, t_end) of KV head h in row b, in the unit its code takes:
+// the selected branch up to QB queries at once (a task's), the others one row group. attend_rows
+// leaves the outputs in w.ob / w.lse (attend_group's), backward_rows adds the gradients
+// (backward_group's arguments); both return how many queries they took.
+int64_t attend_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_end, Scratch& w) {
+  if (a.mode == kSelected) {
+    const int64_t Q = std::min(QB, t_end - t);
+    selected_forward(a, b, h, t, t + Q, w);
+    return Q;
+  }
+  const int64_t Q = group_size(t, t_end);
+  attend_group(a, b, h, t, Q, w);
+  return Q;
+}
+
+int64_t backward_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_end, Scratch& w, float* dq,
+                      float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
+  if (a.mode == kSelected) {
+    const int64_t Q = std::min(QB, t_end - t);
+    selected_backward(a, b, h, t, t + Q, w, dq, dkh, dvh, gate, dgate, lgs);
+    return Q;
+  }
+  const int64_t Q = group_size(t, t_end);
+  backward_group(a, b, h, t, Q, w, dq, dkh, dvh, gate, dgate, lgs);
+  return Q;
+}
+
 // Work split of a backward: whole (b, h) pairs per task when there are as many as threads, else
 // `parts` query ranges per pair, each accumulating dK / dV into its own zeroed buffer (floats per
 // task: `per_task`), summed into the outputs by reduce(). cut: the ranges' bounds, multiples of QB
@@ -803,13 +830,7 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, 
     for (int64_t i = 0; i < tasks; ++i) {
       const int64_t bh = i / nq, b = bh / a.Hkv, h = bh % a.Hkv, t0 = (i % nq) * QB, t1 = std::min(a.T, t0 + QB);
       for (int64_t t = t0, Q; t < t1; t += Q) {
-        if (mode == kSelected) {  // the task's queries at once
-          Q = t1 - t;
-          selected_forward(a, b, h, t, t1, w);
-        } else {
-          Q = group_size(t, t1);
-          attend_group(a, b, h, t, Q, w);
-        }
+        Q = attend_rows(a, b, h, t, t1, w);
         for (int64_t m = 0; m < Q * a.G; ++m) {
           const int64_t r = (b * a.T + t + m / a.G) * a.H + h * a.G + m % a.G;
           std::memcpy(op + r * a.Dv, w.ob.data() + m * a.Dv, a.Dv * sizeof(float));
@@ -854,15 +875,8 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
       float* buf = split.buffer(i);
       float* dk = buf != nullptr ? buf : dkp + bh * a.S * a.Dk;
       float* dv = buf != nullptr ? buf + a.S * a.Dk : dvp + bh * a.S * a.Dv;
-      for (int64_t t = split.cut[p], Q; t < split.cut[p + 1]; t += Q) {
-        if (mode == kSelected) {
-          Q = std::min(QB, split.cut[p + 1] - t);
-          selected_backward(a, b, h, t, t + Q, w, dqp, dk, dv, nullptr, nullptr, 0);
-          continue;
-        }
-        Q = group_size(t, split.cut[p + 1]);
-        backward_group(a, b, h, t, Q, w, dqp, dk, dv, nullptr, nullptr, 0);
-      }
+      for (int64_t t = split.cut[p]; t < split.cut[p + 1];)
+        t += backward_rows(a, b, h, t, split.cut[p + 1], w, dqp, dk, dv, nullptr, nullptr, 0);
     }
   }
   split.reduce(dkp, BH, 0, a.S * a.Dk);
@@ -968,13 +982,7 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
         if (!f.run[c]) continue;
         const Args& a = mine.br[c];
         for (int64_t t = t0, Q; t < t1; t += Q) {
-          if (c == 1) {  // the selected branch: the task's queries at once
-            Q = t1 - t;
-            selected_forward(a, b, h, t, t1, w);
-          } else {
-            Q = group_size(t, t1);
-            attend_group(a, b, h, t, Q, w);
-          }
+          Q = attend_rows(a, b, h, t, t1, w);
           if (!f.on[c]) continue;
           for (int64_t m = 0; m < Q * G; ++m) {
             const int64_t r = (b * T + t + m / G) * H + h * G + m % G;
@@ -1048,18 +1056,9 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
           if (!f.run[c]) continue;
           const Args& a = mine.br[c];
           const float* gate = f.gates != nullptr ? f.gates + c : nullptr;
-          if (c == 1) {
-            selected_backward(a, b, h, t0, t1, w, dqp, dk[c], dv[c], gate, dgp + c, 3);
-            continue;
-          }
-          for (int64_t t = t0, Q; t < t1; t += Q) {
-            Q = group_size(t, t1);
-            if (f.on[c]) {
-              backward_group(a, b, h, t, Q, w, dqp, dk[c], dv[c], gate, dgp + c, 3);
-            } else {
-              attend_group(a, b, h, t, Q, w);  // the compressed branch, off: only its selection
-            }
-          }
+          for (int64_t t = t0; t < t1;)  // the compressed branch, off: only its selection
+            t += f.on[c] ? backward_rows(a, b, h, t, t1, w, dqp, dk[c], dv[c], gate, dgp + c, 3)
+                         : attend_rows(a, b, h, t, t1, w);
         }
       }
     }
