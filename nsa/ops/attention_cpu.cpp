@@ -38,7 +38,10 @@
 // in tiles of TW keys, kT
 // [B, Hkv, NT, Dk, TW], vT [B, Hkv, NT, Dv, TW] with NT >= S / TW + 1 (a span's scores read one
 // contiguous [D, TW] tile at a time, and whole vectors past a span's end stay inside the
-// tensor); lse [B, T, H] (one branch's output).
+// tensor); lse [B, T, H] (one branch's output). A forward is given kT for the compressed branch and
+// a long window; a short window transposes its tiles as it slides (TileCache), the selected
+// branch into the not yet written rows of o, as [B, NT, Hkv, Dk, TW] (ForwardPlan): so a forward
+// holds no more than its output.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -159,6 +162,7 @@ struct Args {  // one branch's inputs and settings
   const int32_t* idx;
   int32_t* sel;  // the compressed branch: where it writes the selected blocks (null: it does not select)
   int64_t B, T, S, NT, H, Hkv, G, Dk, Dv, n;  // NT: tiles of kT / vT; n: width of idx
+  int64_t kt_b, kt_h, kt_t;  // kT's strides (floats) between batch rows, heads and tiles
   int64_t mode, w, ls, l, d, num_select, num_init, num_local;
   float scale;
   // idx / sel hold the rows of queries [sel_t0, sel_t0 + QB) of one (b, h) only (a task's own
@@ -238,7 +242,8 @@ void transpose_tile(const float* rows, int64_t ldr, int64_t n, int64_t D, float*
 // forward given no kT: then it holds no transposed copy of the whole sequence. Cheap for the
 // window branch, whose tiles each serve the ~w / QB groups the window slides over; the selected
 // branch's random blocks would each be fetched and transposed once per task (~25% more forward
-// time at 8k, measured), so nsa/ops/attention_cpu.py gives it kT.
+// time at 8k, measured), so its forward keeps its tiles in o instead (ForwardPlan) and uses this
+// only for the few queries whose rows hold them.
 struct TileCache {
   std::vector<float> buf;
   std::vector<const float*> rows_of;
@@ -263,12 +268,13 @@ struct TileCache {
 // tile t of one (b, h) pair's K^T (or V^T), [D, TW]: from the precomputed tiles (kT / vT) when given,
 // else from the thread's TileCache
 struct Tiles {
-  const float* pre;  // the pair's [NT, D, TW], or null
+  const float* pre;  // the pair's first [D, TW] tile, the next ts floats on; or null
   const float* rows;  // the pair's first key row (stride ldr), when pre is null
   int64_t ldr, S, D;
   TileCache* cache;
+  int64_t ts;
   NSA_INLINE const float* operator()(int64_t t) const {
-    return pre != nullptr ? pre + t * D * TW : cache->get(rows, ldr, S, D, t);
+    return pre != nullptr ? pre + t * ts : cache->get(rows, ldr, S, D, t);
   }
 };
 
@@ -413,7 +419,8 @@ struct Scratch {
         // the tiles a span can cover (+ 1), so that it never evicts its own: the window's union
         // span, every compressed key, one selected block at a time
         const int64_t span = a.mode == kSelected ? a.ls : max_keys(a) + QG;
-        if (a.kT == nullptr) tiles[a.mode].init(span / TW + 3, a.Dk);
+        // (a forward's selected branch may get none for its last queries: see ForwardPlan)
+        if (a.kT == nullptr || a.mode == kSelected) tiles[a.mode].init(span / TW + 3, a.Dk);
       }
     const int64_t M = QG * G;
     ld = (keys + 2 * W - 1) / W * W;
@@ -425,12 +432,12 @@ struct Scratch {
 // the (b, h) pair's K^T tiles of branch a (its kT, or made here into w's cache) and V^T tiles (vT:
 // the backward's, always given)
 NSA_INLINE Tiles k_tiles(const Args& a, int64_t b, int64_t h, Scratch& w) {
-  const int64_t ldk = a.Hkv * a.Dk, bh = b * a.Hkv + h;
-  return {a.kT != nullptr ? a.kT + bh * a.NT * a.Dk * TW : nullptr, a.k + b * a.S * ldk + h * a.Dk, ldk, a.S, a.Dk,
-          &w.tiles[a.mode]};
+  const int64_t ldk = a.Hkv * a.Dk;
+  return {a.kT != nullptr ? a.kT + b * a.kt_b + h * a.kt_h : nullptr, a.k + b * a.S * ldk + h * a.Dk, ldk, a.S, a.Dk,
+          &w.tiles[a.mode], a.kt_t};
 }
 NSA_INLINE Tiles v_tiles(const Args& a, int64_t b, int64_t h) {
-  return {a.vT + (b * a.Hkv + h) * a.NT * a.Dv * TW, nullptr, 0, a.S, a.Dv, nullptr};
+  return {a.vT + (b * a.Hkv + h) * a.NT * a.Dv * TW, nullptr, 0, a.S, a.Dv, nullptr, a.Dv * TW};
 }
 
 // rows [t0, t0 + Q) x G of x [B, T, H, D] (KV head h of row b) -> y [Q G, D]
@@ -782,6 +789,7 @@ Args make_args(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor&
   if (kT.numel() > 0) {  // else the forward makes the tiles it reads (TileCache)
     check_f32(kT, "kT", 5);
     a.NT = kT.size(2), a.kT = kT.data_ptr<float>();
+    a.kt_t = a.Dk * TW, a.kt_h = a.NT * a.kt_t, a.kt_b = a.Hkv * a.kt_h;
     TORCH_CHECK(kT.size(0) == a.B && kT.size(1) == a.Hkv && kT.size(3) == a.Dk && kT.size(4) == TW &&
                     a.NT * TW >= a.S + TW,
                 "nsa attention_cpu: kT must be [B, Hkv, >= S / 64 + 1, Dk, 64] (or empty)");
@@ -808,6 +816,85 @@ void set_selection(Args& a, Tensor& sel, int64_t num_select, int64_t num_init, i
   a.sel = sel.data_ptr<int32_t>(), a.num_select = num_select, a.num_init = num_init, a.num_local = num_local;
 }
 
+// ---------------------------------------------------------------------------------------------- forward phases
+
+// Where a forward's selected branch finds its K^T tiles when it is given none. It reads random
+// blocks, so transposing them as it goes (TileCache) costs ~25% of its forward at 8k; a transposed
+// copy of K costs memory (an eighth of o at the paper's shapes, 4 MB at 8k). So the tiles live in
+// o itself, in the rows no query has written yet: queries [0, c) read only the tiles of keys < c,
+// which fill the first reach(c) ~ c Hkv Dk floats of o's batch row ([NT, Hkv, Dk, TW]: tile j of
+// every head before tile j + 1), about c / G of its query rows. The queries run from the last to
+// the first in phases, phase p over [cut[p + 1], cut[p]), each writing only rows above what it
+// and every later phase read; the last few queries, whose rows hold the first tiles, transpose
+// their tiles themselves (TileCache). Where the tiles do not fit (G = 1, or Dv much smaller than
+// Dk), they get a tensor of their own, as the backward's kT.
+struct ForwardPlan {
+  std::vector<int64_t> cut{0, 0};  // descending query cuts, cut[0] = T, cut.back() = 0
+  bool in_output = false;  // the tiles are in o (the last phase uses TileCache)
+  Tensor own;  // or here
+  float* tiles = nullptr;  // what build_tiles fills (null: the tiles were given, or none are read)
+};
+
+// floats of a batch row of kT ([NT, Hkv, Dk, TW] tiles) that queries [0, c) read: the tiles of
+// their keys and the next (a span's last whole vector may read past its tile)
+NSA_INLINE int64_t tile_reach(int64_t c, int64_t Hkv, int64_t Dk) { return ((c - 1) / TW + 2) * Hkv * Dk * TW; }
+
+// the plan of a forward whose output is o [B, T, H, Dv]; sets the selected branch's kT (sel: its
+// Args, null when it does not run) when it was given none
+ForwardPlan plan_forward(Args* sel, Tensor& o) {
+  ForwardPlan p;
+  const int64_t T = o.size(1), row = o.size(2) * o.size(3);  // floats per query row of o
+  p.cut = {T, 0};
+  if (sel == nullptr || sel->kT != nullptr || T == 0) return p;
+  Args& a = *sel;
+  std::vector<int64_t> cut{T};
+  for (int64_t c = T;;) {  // the rows the tiles of queries < c reach, rounded up to whole tasks
+    const int64_t next = ((tile_reach(c, a.Hkv, a.Dk) + row - 1) / row + QB - 1) / QB * QB;
+    if (next >= c) break;
+    cut.push_back(c = next);
+  }
+  a.NT = (T - 1) / TW + 2, a.kt_t = a.Dk * TW;
+  p.in_output = tile_reach(T, a.Hkv, a.Dk) <= T * row && cut.back() <= T / 2;
+  if (p.in_output) {  // [B, T, H, Dv] rows hold [B, NT, Hkv, Dk, TW] tiles
+    p.cut = cut, p.cut.push_back(0), p.tiles = o.data_ptr<float>();
+    a.kt_h = a.kt_t, a.kt_t *= a.Hkv, a.kt_b = T * row;
+  } else {
+    p.own = at::empty({a.B, a.Hkv, a.NT, a.Dk, TW}, o.options()), p.tiles = p.own.data_ptr<float>();
+    a.kt_h = a.NT * a.kt_t, a.kt_b = a.Hkv * a.kt_h;
+  }
+  a.kT = p.tiles;
+  return p;
+}
+
+// p.tiles <- a's K^T tiles (zeros past S), by the threads of the caller's parallel region
+void build_tiles(const Args& a, const ForwardPlan& p) {
+  if (p.tiles == nullptr) return;
+  const int64_t per_b = a.NT * a.Hkv, ldk = a.Hkv * a.Dk;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < a.B * per_b; ++i) {
+    const int64_t b = i / per_b, j = i % per_b / a.Hkv, h = i % a.Hkv;
+    const int64_t n = std::max<int64_t>(0, std::min(TW, a.S - j * TW));
+    transpose_tile(a.k + (b * a.S + j * TW) * ldk + h * a.Dk, ldk, n, a.Dk, p.tiles + b * a.kt_b + h * a.kt_h + j * a.kt_t);
+  }
+}
+
+// task(b, h, t0, t1, cached) for every task of the forward (QB queries [t0, t1) of KV head h in
+// batch row b), phase after phase (each a barrier: its tasks read tiles in rows no task of it or
+// before it writes); cached: the task must make its selected tiles itself. Call inside a parallel
+// region, from every thread.
+template <class Task>
+void forward_tasks(const ForwardPlan& p, int64_t B, int64_t Hkv, Task&& task) {
+  for (size_t f = 0; f + 1 < p.cut.size(); ++f) {
+    const int64_t hi = p.cut[f], g0 = p.cut[f + 1] / QB, ng = (hi + QB - 1) / QB - g0, tasks = B * Hkv * ng;
+    const bool cached = p.in_output && f + 2 == p.cut.size();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < tasks; ++i) {
+      const int64_t bh = i / ng, t0 = (g0 + i % ng) * QB;
+      task(bh / Hkv, bh % Hkv, t0, std::min(hi, t0 + QB), cached);
+    }
+  }
+}
+
 // one branch: o [B, T, H, Dv], lse [B, T, H] and, for the compressed branch with num_select > 0,
 // the selected blocks [B, T, Hkv, num_select] int32 (else an empty tensor)
 std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, const Tensor& v, const Tensor& idx,
@@ -820,24 +907,25 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, 
   Tensor sel = at::empty({select ? a.B : 0, a.T, a.Hkv, num_select}, q.options().dtype(at::kInt));
   if (select) set_selection(a, sel, num_select, num_init, num_local);
   float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  const int64_t nq = (a.T + QB - 1) / QB, tasks = a.B * a.Hkv * nq;
+  const ForwardPlan plan = plan_forward(mode == kSelected ? &a : nullptr, o);
   const Args* br[1] = {&a};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
     w.init(br, 1);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < tasks; ++i) {
-      const int64_t bh = i / nq, b = bh / a.Hkv, h = bh % a.Hkv, t0 = (i % nq) * QB, t1 = std::min(a.T, t0 + QB);
+    Args mine = a;
+    build_tiles(a, plan);
+    forward_tasks(plan, a.B, a.Hkv, [&](int64_t b, int64_t h, int64_t t0, int64_t t1, bool cached) {
+      mine.kT = cached ? nullptr : a.kT;
       for (int64_t t = t0, Q; t < t1; t += Q) {
-        Q = attend_rows(a, b, h, t, t1, w);
+        Q = attend_rows(mine, b, h, t, t1, w);
         for (int64_t m = 0; m < Q * a.G; ++m) {
           const int64_t r = (b * a.T + t + m / a.G) * a.H + h * a.G + m % a.G;
           std::memcpy(op + r * a.Dv, w.ob.data() + m * a.Dv, a.Dv * sizeof(float));
           lp[r] = w.lse[m];
         }
       }
-    }
+    });
   }
   return {o, lse, sel};
 }
@@ -963,17 +1051,17 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
   const int64_t G = a0.G, Hkv = a0.Hkv, Dv = a0.Dv;
   Tensor o = at::empty({B, T, H, Dv}, q.options());
   float* op = o.data_ptr<float>();
-  const int64_t nq = (T + QB - 1) / QB, tasks = B * Hkv * nq;
+  const ForwardPlan plan = plan_forward(f.run[1] ? &f.br[1] : nullptr, o);
   const Args* br[3] = {f.run[0] ? &f.br[0] : nullptr, f.run[1] ? &f.br[1] : nullptr, f.run[2] ? &f.br[2] : nullptr};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
     w.init(br, 3);
     ThreadBranches mine(f);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < tasks; ++i) {
-      const int64_t bh = i / nq, b = bh / Hkv, h = bh % Hkv, t0 = (i % nq) * QB, t1 = std::min(T, t0 + QB);
+    build_tiles(f.br[1], plan);
+    forward_tasks(plan, B, Hkv, [&](int64_t b, int64_t h, int64_t t0, int64_t t1, bool cached) {
       mine.at(t0);
+      if (f.run[1]) mine.br[1].kT = cached ? nullptr : f.br[1].kT;
       for (int64_t t = t0; t < t1; ++t) {
         float* rows = op + ((b * T + t) * H + h * G) * Dv;
         std::fill(rows, rows + G * Dv, 0.f);
@@ -993,7 +1081,7 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
           }
         }
       }
-    }
+    });
   }
   return {o, sel};
 }

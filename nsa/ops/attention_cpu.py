@@ -55,12 +55,14 @@ def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool, with_kt: bool = Tr
 
 
 def _forward_kt(mode: int, window: int, seqlen: int) -> bool:
-    """Whether a forward hands the op a transposed copy of the branch's whole K (``kT``): all but a
-    window over less than a quarter of the sequence, whose tiles the op transposes as it slides (a
-    few per thread, each used by every query group that sees it), so that branch's forward holds
-    no copy of K. The selected branch reads random blocks: transposing them as it goes cost ~25%
-    of its forward at 8k (attention_cpu.cpp, TileCache)."""
-    return mode != WINDOW or 4 * window >= seqlen
+    """Whether a forward hands the op a transposed copy of the branch's whole K (``kT``): the
+    compressed branch's (short) and a window's over a quarter of the sequence or more. A shorter
+    window's tiles the op transposes as it slides (a few per thread, each used by every query
+    group that sees it); the selected branch's, of random blocks, it keeps in the rows of its output
+    no query has written yet (attention_cpu.cpp, ForwardPlan). So neither forward holds a copy of K."""
+    if mode == SELECTED:
+        return False
+    return mode == COMPRESSED or 4 * window >= seqlen
 
 
 class BranchAttention(torch.autograd.Function):

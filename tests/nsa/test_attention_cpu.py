@@ -156,6 +156,46 @@ def test_forward_without_kt_transposes_the_same_tiles(case):
             assert torch.equal(a, b), mode
 
 
+# B, T, H, Hkv, Dk, Dv, l, d, l', n, w: the selected tiles in o over several phases (G = 8, 16, with Dv < Dk
+# and Dv > Dk, the paper's blocks and others: T / G rows hold them); G = 1: a tensor of their own
+IN_OUTPUT = [
+    (2, 1500, 16, 2, 64, 64, 32, 16, 64, 16, 512),
+    (1, 900, 16, 1, 24, 40, 16, 8, 32, 5, 100),
+    (2, 611, 8, 1, 40, 24, 16, 16, 16, 6, 50),
+    (1, 400, 2, 2, 16, 16, 16, 8, 32, 4, 30),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", IN_OUTPUT, ids=_ids(IN_OUTPUT))
+def test_forward_keeps_selected_tiles_in_its_output(case, threads):
+    """Given no kT for the selected branch, a forward transposes its K into the rows of o that no
+    query has written yet and runs the queries from the last to the first in phases
+    (attention_cpu.cpp, ForwardPlan): the fused and the one-branch forward are bit-identical to the
+    runs on separately precomputed tiles, with every thread count; a phase that overwrote tiles a
+    later query reads would change o."""
+    B, T, H, Hkv, Dk, Dv, l, d, ls, n, w = case
+    q, k, v, kc, vc = bf.make_inputs(B, T, H, Hkv, Dk, Dv, l, d, None, torch.float32, seed=5)
+    gates = torch.rand(B, T, H, 3, generator=torch.Generator().manual_seed(6))
+    op, none, tiled = cpu_build.require(), torch.empty(0), attention_cpu._tiled_t
+    scale, before = Dk**-0.5, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = [
+            op.nsa_forward(q, [kc, k, k], [tiled(kc), kt, none], [vc, v, v], [True, True, True], gates, w, ls, l, d,
+                           scale, n, 1, 2, True)
+            for kt in (none, tiled(k))
+        ]
+        idx = fused[1][1]
+        one = [op.attention_forward(q, k, kt, v, idx, attention_cpu.SELECTED, 0, ls, 0, 0, scale, 0, 0, 0)
+               for kt in (none, tiled(k))]
+    finally:
+        torch.set_num_threads(before)
+    for got, ref in (fused, one):
+        for a, b in zip(got, ref, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_shared_kv_is_laid_out_once():
     """A K/V pair the selected and window branches share (the layer's one K/V for all branches, a
     strided view of its projection) is copied contiguous once, whether or not a branch's forward
