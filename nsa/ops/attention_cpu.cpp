@@ -38,10 +38,10 @@
 // in tiles of TW keys, kT
 // [B, Hkv, NT, Dk, TW], vT [B, Hkv, NT, Dv, TW] with NT >= S / TW + 1 (a span's scores read one
 // contiguous [D, TW] tile at a time, and whole vectors past a span's end stay inside the
-// tensor); lse [B, T, H] (one branch's output). A forward is given kT for the compressed branch and
-// a long window; a short window transposes its tiles as it slides (TileCache), the selected
-// branch into the not yet written rows of o, as [B, NT, Hkv, Dk, TW] (ForwardPlan): so a forward
-// holds no more than its output.
+// tensor); lse [B, T, H] (one branch's output). A forward is given kT only for a long window; a short
+// window transposes its tiles as it slides, the compressed branch per query group (TileCache), the
+// selected branch into the not yet written rows of o, as [B, NT, Hkv, Dk, TW] (ForwardPlan): so a
+// forward holds little more than its output.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -417,9 +417,11 @@ struct Scratch {
         const Args& a = *branches[c];
         keys = std::max(keys, max_keys(a) + QG), n = std::max(n, a.n), G = a.G, Dk = a.Dk, Dv = a.Dv;
         // the tiles a span can cover (+ 1), so that it never evicts its own: the window's union
-        // span, every compressed key, one selected block at a time
-        const int64_t span = a.mode == kSelected ? a.ls : max_keys(a) + QG;
-        // (a forward's selected branch may get none for its last queries: see ForwardPlan)
+        // span (the next group's mostly), one selected block at a time. Not the compressed
+        // branch's: each group reads every compressed tile once, and a ring of them all would be
+        // a copy of K per thread; it makes them again per group (~1% of its forward at 32k).
+        // (A forward's selected branch may get no kT for its last queries: see ForwardPlan.)
+        const int64_t span = a.mode == kSelected ? a.ls : a.mode == kWindow ? max_keys(a) + QG : 0;
         if (a.kT == nullptr || a.mode == kSelected) tiles[a.mode].init(span / TW + 3, a.Dk);
       }
     const int64_t M = QG * G;

@@ -55,14 +55,13 @@ def _layouts(k: torch.Tensor, v: torch.Tensor, with_vt: bool, with_kt: bool = Tr
 
 
 def _forward_kt(mode: int, window: int, seqlen: int) -> bool:
-    """Whether a forward hands the op a transposed copy of the branch's whole K (``kT``): the
-    compressed branch's (short) and a window's over a quarter of the sequence or more. A shorter
-    window's tiles the op transposes as it slides (a few per thread, each used by every query
-    group that sees it); the selected branch's, of random blocks, it keeps in the rows of its output
-    no query has written yet (attention_cpu.cpp, ForwardPlan). So neither forward holds a copy of K."""
-    if mode == SELECTED:
-        return False
-    return mode == COMPRESSED or 4 * window >= seqlen
+    """Whether a forward hands the op a transposed copy of the branch's whole K (``kT``): only a
+    window's over a quarter of the sequence or more. A shorter window's tiles the op transposes as
+    it slides (a few per thread, each used by every query group that sees it), the compressed
+    branch's once per query group, and the selected branch's, of random blocks, it keeps in the rows
+    of its output no query has written yet (attention_cpu.cpp, ForwardPlan). So a forward holds no
+    copy of K."""
+    return mode == WINDOW and 4 * window >= seqlen
 
 
 class BranchAttention(torch.autograd.Function):
