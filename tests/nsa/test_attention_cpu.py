@@ -157,12 +157,13 @@ def test_forward_without_kt_transposes_the_same_tiles(case):
 
 
 # B, T, H, Hkv, Dk, Dv, l, d, l', n, w: the selected tiles in o over several phases (G = 8, 16, with Dv < Dk
-# and Dv > Dk, the paper's blocks and others: T / G rows hold them); G = 1: a tensor of their own
+# and Dv > Dk, the paper's blocks and others: T / G rows hold them); G = 1: a tensor of their own; 199
+# compressed keys (4 tiles, more than the ring's 3 slots)
 IN_OUTPUT = [
     (2, 1500, 16, 2, 64, 64, 32, 16, 64, 16, 512),
     (1, 900, 16, 1, 24, 40, 16, 8, 32, 5, 100),
     (2, 611, 8, 1, 40, 24, 16, 16, 16, 6, 50),
-    (1, 400, 2, 2, 16, 16, 16, 8, 32, 4, 30),
+    (1, 400, 2, 2, 16, 16, 4, 2, 16, 4, 30),
 ]
 
 
@@ -171,9 +172,9 @@ IN_OUTPUT = [
 def test_forward_keeps_selected_tiles_in_its_output(case, threads):
     """Given no kT for the selected branch, a forward transposes its K into the rows of o that no
     query has written yet and runs the queries from the last to the first in phases
-    (attention_cpu.cpp, ForwardPlan): the fused and the one-branch forward are bit-identical to the
-    runs on separately precomputed tiles, with every thread count; a phase that overwrote tiles a
-    later query reads would change o."""
+    (attention_cpu.cpp, ForwardPlan), and the compressed branch's tiles per query group: the fused
+    and the one-branch forward are bit-identical to the runs on separately precomputed tiles, with
+    every thread count; a phase that overwrote tiles a later query reads would change o."""
     B, T, H, Hkv, Dk, Dv, l, d, ls, n, w = case
     q, k, v, kc, vc = bf.make_inputs(B, T, H, Hkv, Dk, Dv, l, d, None, torch.float32, seed=5)
     gates = torch.rand(B, T, H, 3, generator=torch.Generator().manual_seed(6))
@@ -182,9 +183,8 @@ def test_forward_keeps_selected_tiles_in_its_output(case, threads):
     torch.set_num_threads(threads)
     try:
         fused = [
-            op.nsa_forward(q, [kc, k, k], [tiled(kc), kt, none], [vc, v, v], [True, True, True], gates, w, ls, l, d,
-                           scale, n, 1, 2, True)
-            for kt in (none, tiled(k))
+            op.nsa_forward(q, [kc, k, k], kts, [vc, v, v], [True, True, True], gates, w, ls, l, d, scale, n, 1, 2, True)
+            for kts in ([none, none, none], [tiled(kc), tiled(k), none])
         ]
         idx = fused[1][1]
         one = [op.attention_forward(q, k, kt, v, idx, attention_cpu.SELECTED, 0, ls, 0, 0, scale, 0, 0, 0)
