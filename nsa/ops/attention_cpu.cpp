@@ -410,7 +410,9 @@ struct Scratch {
   std::vector<Pair> pairs;
   TileCache tiles[3];  // per mode: K^T tiles of a branch given no kT
   int64_t ld = 0;
-  void init(const Args* const* branches, int64_t count) {
+  // backward: also dP, dO and dQ rows (a forward's would be touched memory it need not hold: 1 MB
+  // per thread at 32k, paper shapes)
+  void init(const Args* const* branches, int64_t count, bool backward) {
     int64_t keys = 0, n = 1, G = 0, Dk = 0, Dv = 0;
     for (int64_t c = 0; c < count; ++c)
       if (branches[c] != nullptr) {
@@ -426,8 +428,8 @@ struct Scratch {
       }
     const int64_t M = QG * G;
     ld = (keys + 2 * W - 1) / W * W;
-    s.resize(M * ld), dp.resize(M * ld), qb.resize(M * Dk), db.resize(M * Dv), ob.resize(M * Dv);
-    dqb.resize(M * Dk), lse.resize(M), inv.resize(M), st.resize(n), ln.resize(n);
+    s.resize(M * ld), qb.resize(M * Dk), ob.resize(M * Dv), lse.resize(M), inv.resize(M), st.resize(n), ln.resize(n);
+    if (backward) dp.resize(M * ld), db.resize(M * Dv), dqb.resize(M * Dk);
   }
 };
 
@@ -914,7 +916,7 @@ std::vector<Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& kT, 
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
-    w.init(br, 1);
+    w.init(br, 1, false);
     Args mine = a;
     build_tiles(a, plan);
     forward_tasks(plan, a.B, a.Hkv, [&](int64_t b, int64_t h, int64_t t0, int64_t t1, bool cached) {
@@ -958,7 +960,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
-    w.init(br, 1);
+    w.init(br, 1, true);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < split.tasks; ++i) {
       const int64_t bh = i / split.parts, p = i % split.parts, b = bh / a.Hkv, h = bh % a.Hkv;
@@ -1058,7 +1060,7 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
-    w.init(br, 3);
+    w.init(br, 3, false);
     ThreadBranches mine(f);
     build_tiles(f.br[1], plan);
     forward_tasks(plan, B, Hkv, [&](int64_t b, int64_t h, int64_t t0, int64_t t1, bool cached) {
@@ -1125,7 +1127,7 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
-    w.init(br, 3);
+    w.init(br, 3, true);
     ThreadBranches mine(f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < split.tasks; ++i) {
