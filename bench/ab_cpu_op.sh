@@ -8,7 +8,8 @@
 #   bench/ab_cpu_op.sh OLD_COMMIT NEW_COMMIT [OUT.txt]      (default NEW_COMMIT: the working tree)
 #   env: SEQLENS (default "8192"), ROUNDS (default 5), THREADS (default 2), PYTHON (default .venv/bin/python)
 #
-# Prints the best and median forward / forward+backward time of each side per length at the end.
+# Prints the best and median forward / forward+backward time and the range of peak memory of each
+# side per length at the end (python -m bench.summary --ab OUT.txt).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 old=${1:?usage: bench/ab_cpu_op.sh OLD_COMMIT [NEW_COMMIT] [OUT.txt]}
@@ -37,16 +38,4 @@ for _ in $(seq 1 "${ROUNDS:-5}"); do
     done
 done
 echo "wrote $out"
-"$PY" - "$out" <<'PYEOF'
-import json, statistics, sys
-rows = {}
-for line in open(sys.argv[1]):
-    side, T, js = line.split(" ", 2)
-    d = json.loads(js)
-    rows.setdefault((int(T), side), []).append((d["fwd"]["wall_s"], d["fwd_bwd"]["wall_s"]))
-print("T      side  n  fwd best / median s   fwd+bwd best / median s")
-for (T, side), v in sorted(rows.items()):
-    f, fb = [x[0] for x in v], [x[1] for x in v]
-    print(f"{T:<6} {side:<4} {len(v):>2}  {min(f):.3f} / {statistics.median(f):.3f}        "
-          f"{min(fb):.3f} / {statistics.median(fb):.3f}")
-PYEOF
+"$PY" -m bench.summary --ab "$out"  # best / median times and peak memory per side

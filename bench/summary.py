@@ -2,18 +2,21 @@
 
     python -m bench.summary OUT_DIR [--out OUT_DIR/summary.md]
     python -m bench.summary --cpu-attention RUN.json... [--cpu-decode DECODE.json...]
+    python -m bench.summary --ab AB.txt...
 
 The first form summarises a GPU suite run (bench/gpu_suite.sh): what its stages wrote into
 OUT_DIR (env.txt, stages.txt, kernels.json, decode.json, train.json; any may be missing after a
 failed stage). The second prints the CPU table of ``bench.attention`` runs (one row per run and
 length, labelled by the file name's last dash-separated part: run1, best3, ...) and, with
-``--cpu-decode``, the decode table of ``bench.decode`` runs.
+``--cpu-decode``, the decode table of ``bench.decode`` runs. The third summarises A / B runs of the
+CPU op at two commits (bench/ab_cpu_op.sh: one ``SIDE T {JSON}`` line per measurement).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 
@@ -83,8 +86,30 @@ def cpu_attention_table(paths: list[Path]) -> list[str]:
             lines.append(
                 f"| {_label(path)} | {r['seqlen']} | {_f(r['fwd_wall_s_nsa'])} | {_f(r['fwd_wall_s_sdpa'])} | "
                 f"{_f(r['fwd_wall_s_ratio'])} | {_f(r['fwd_bwd_wall_s_nsa'])} | {_f(r['fwd_bwd_wall_s_sdpa'])} | "
-                f"{_f(r['fwd_bwd_wall_s_ratio'])} | {_f(r['fwd_peak_mb_nsa'], '.0f')} / {_f(r['fwd_peak_mb_sdpa'], '.0f')} | "
-                f"{_f(r['fwd_bwd_peak_mb_nsa'], '.0f')} / {_f(r['fwd_bwd_peak_mb_sdpa'], '.0f')} |")
+                f"{_f(r['fwd_bwd_wall_s_ratio'])} | {_f(r['fwd_peak_mb_nsa'], '.1f')} / {_f(r['fwd_peak_mb_sdpa'], '.1f')} | "
+                f"{_f(r['fwd_bwd_peak_mb_nsa'], '.1f')} / {_f(r['fwd_bwd_peak_mb_sdpa'], '.1f')} |")
+    return lines + [""]
+
+
+def ab_table(paths: list[Path]) -> list[str]:
+    """Per A / B file, length and side: the rounds, the best and median times, and the lowest and
+    highest peak memory (RSS rise; a few hundred KB to 2 MB apart from round to round)."""
+    lines = ["| file | T | side | rounds | fwd best / median s | f+b best / median s | peak MB fwd min-max | "
+             "peak MB f+b min-max |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rows: dict[tuple[int, str], list[dict]] = {}
+        for line in path.read_text().splitlines():
+            side, T, js = line.split(" ", 2)
+            rows.setdefault((int(T), side), []).append(json.loads(js))
+        for (T, side), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "old")):
+            cells = []
+            for key in ("fwd", "fwd_bwd"):
+                w = [r[key]["wall_s"] for r in runs]
+                cells.append(f"{min(w):.3f} / {statistics.median(w):.3f}")
+            for key in ("fwd", "fwd_bwd"):
+                m = [r[key]["peak_mb"] for r in runs if r[key]["peak_mb"] is not None]
+                cells.append(f"{min(m):.1f}-{max(m):.1f}" if m else "-")
+            lines.append(f"| {path.name} | {T} | {side} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -119,15 +144,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cpu-attention", type=Path, nargs="+", default=None, help="bench.attention JSON files")
     p.add_argument("--cpu-decode", type=Path, nargs="+", default=None, help="bench.decode JSON files")
+    p.add_argument("--ab", type=Path, nargs="+", default=None, help="bench/ab_cpu_op.sh outputs")
     args = p.parse_args(argv)
-    if args.cpu_attention or args.cpu_decode:
-        text = "\n".join(cpu_attention_table(args.cpu_attention or []) + cpu_decode_table(args.cpu_decode or []))
+    if args.cpu_attention or args.cpu_decode or args.ab:
+        tables = cpu_attention_table(args.cpu_attention or []) if args.cpu_attention else []
+        tables += cpu_decode_table(args.cpu_decode) if args.cpu_decode else []
+        text = "\n".join(tables + (ab_table(args.ab) if args.ab else []))
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
         return
     if args.out_dir is None:
-        p.error("give OUT_DIR (a GPU suite run) or --cpu-attention / --cpu-decode")
+        p.error("give OUT_DIR (a GPU suite run) or --cpu-attention / --cpu-decode / --ab")
     text = summarize(args.out_dir)
     print(text)
     out = args.out or args.out_dir / "summary.md"
