@@ -243,7 +243,7 @@ void transpose_tile(const float* rows, int64_t ldr, int64_t n, int64_t D, float*
 // window branch, whose tiles each serve the ~w / QB groups the window slides over; the selected
 // branch's random blocks would each be fetched and transposed once per task (~25% more forward
 // time at 8k, measured), so its forward keeps its tiles in o instead (ForwardPlan) and uses this
-// only for the few queries whose rows hold them.
+// only for the first few queries, whose rows hold them.
 struct TileCache {
   std::vector<float> buf;
   std::vector<const float*> rows_of;
@@ -421,7 +421,8 @@ struct Scratch {
         // the tiles a span can cover (+ 1), so that it never evicts its own: the window's union
         // span (the next group's mostly), one selected block at a time. Not the compressed
         // branch's: each group reads every compressed tile once, and a ring of them all would be
-        // a copy of K per thread; it makes them again per group (~1% of its forward at 32k).
+        // a copy of K per thread; it makes them again per group (at 32k, paper shapes: ~7% of its
+        // forward, 0.64 -> 0.68 s, ~2% of the whole op's).
         // (A forward's selected branch may get no kT for its last queries: see ForwardPlan.)
         const int64_t span = a.mode == kSelected ? a.ls : a.mode == kWindow ? max_keys(a) + QG : 0;
         if (a.kT == nullptr || a.mode == kSelected) tiles[a.mode].init(span / TW + 3, a.Dk);
@@ -829,8 +830,8 @@ void set_selection(Args& a, Tensor& sel, int64_t num_select, int64_t num_init, i
 // which fill the first reach(c) ~ c Hkv Dk floats of o's batch row ([NT, Hkv, Dk, TW]: tile j of
 // every head before tile j + 1), about c / G of its query rows. The queries run from the last to
 // the first in phases, phase p over [cut[p + 1], cut[p]), each writing only rows above what it
-// and every later phase read; the last few queries, whose rows hold the first tiles, transpose
-// their tiles themselves (TileCache). Where the tiles do not fit (G = 1, or Dv much smaller than
+// and every later phase read; the first few queries (at the paper's shapes 16: the last phase),
+// whose rows hold the first tiles, transpose their tiles themselves (TileCache). Where the tiles do not fit (G = 1, or Dv much smaller than
 // Dk), they get a tensor of their own, as the backward's kT.
 struct ForwardPlan {
   std::vector<int64_t> cut{0, 0};  // descending query cuts, cut[0] = T, cut.back() = 0

@@ -59,8 +59,8 @@ def _forward_kt(mode: int, window: int, seqlen: int) -> bool:
     window's over a quarter of the sequence or more. A shorter window's tiles the op transposes as
     it slides (a few per thread, each used by every query group that sees it), the compressed
     branch's once per query group, and the selected branch's, of random blocks, it keeps in the rows
-    of its output no query has written yet (attention_cpu.cpp, ForwardPlan). So a forward holds no
-    copy of K."""
+    of its output no query has written yet (attention_cpu.cpp, ForwardPlan). So only a long
+    window's forward holds a copy of K."""
     return mode == WINDOW and 4 * window >= seqlen
 
 
