@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--ab", type=Path, nargs="+", default=None, help="bench/ab_cpu_op.sh outputs")
     args = p.parse_args(argv)
     if args.cpu_attention or args.cpu_decode or args.ab:
-        tables = cpu_attention_table(args.cpu_attention or []) if args.cpu_attention else []
+        tables = cpu_attention_table(args.cpu_attention) if args.cpu_attention else []
         tables += cpu_decode_table(args.cpu_decode) if args.cpu_decode else []
         text = "\n".join(tables + (ab_table(args.ab) if args.ab else []))
         print(text)

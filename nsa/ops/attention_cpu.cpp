@@ -13,9 +13,9 @@
 // group_spans); the selected branch the QB queries of a task block by block, each selected block's
 // K / V tile read once for all the task's queries that picked it (see selected_pairs). Scores are
 // built span by span into a row buffer (the selected branch: a slab per query and block), softmaxed
-// once, then multiplied by V span by span; no gathered copies of K/V. The compressed branch also picks the selected blocks from its own probabilities
-// (nsa/ops/select_blocks/reference.py: overlap weighting, forced blocks, top-n, ties to the lower
-// index), as compressed_attention_and_select does.
+// once, then multiplied by V span by span; no gathered copies of K/V. The compressed branch also
+// picks the selected blocks from its own probabilities (nsa/ops/select_blocks/reference.py: overlap
+// weighting, forced blocks, top-n, ties to the lower index), as compressed_attention_and_select does.
 //
 // Entry points: forward / backward for one branch (nsa.compressed_attention, selected_attention,
 // sliding_window_attention, compressed_attention_and_select), and nsa_forward / nsa_backward for
@@ -401,6 +401,9 @@ struct Pair {  // selected block j of query t0 + i of a task, its first len keys
   int64_t j, i, len;
 };
 
+// columns of a (query, block) slab of the selected branch's scores: l' rounded up to whole vectors
+NSA_INLINE int64_t slab_width(const Args& a) { return (a.ls + W - 1) / W * W; }
+
 struct Scratch {
   std::vector<float> s, dp, qb, db, ob, dqb, lse, inv, sel;
   std::vector<int64_t> st, ln, top;
@@ -423,9 +426,9 @@ struct Scratch {
         // branch's: each group reads every compressed tile once, and a ring of them all would be
         // a copy of K per thread; it makes them again per group (at 32k, paper shapes: ~7% of its
         // forward, 0.64 -> 0.68 s, ~2% of the whole op's).
-        // (A forward's selected branch may get no kT for its last queries: see ForwardPlan.)
+        // (A forward's selected branch may get no kT for its first queries: see ForwardPlan.)
         const int64_t span = a.mode == kSelected ? a.ls : a.mode == kWindow ? max_keys(a) + QG : 0;
-        if (a.kT == nullptr || a.mode == kSelected) tiles[a.mode].init(span / TW + 3, a.Dk);
+        if (a.kT == nullptr || (a.mode == kSelected && !backward)) tiles[a.mode].init(span / TW + 3, a.Dk);
       }
     const int64_t M = QG * G;
     ld = (keys + 2 * W - 1) / W * W;
@@ -592,7 +595,7 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 // the pairs of queries [t0, t1) sorted by block (w.pairs), each query's slabs in ascending block
 // order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
 void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, bool with_dp) {
-  const int64_t Q = t1 - t0, lp = (a.ls + W - 1) / W * W;
+  const int64_t Q = t1 - t0, lp = slab_width(a);
   w.pairs.clear();
   for (int64_t i = 0; i < Q; ++i) {
     const int64_t nb = selected_blocks(a, b, h, t0 + i, w.st.data());
@@ -613,7 +616,7 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
 // per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp: the
 // block's K (V) tile is read once for all its queries; q rows of the task in w.qb (dO rows in w.db)
 void selected_scores(const Args& a, int64_t b, int64_t h, Scratch& w, bool dp) {
-  const int64_t G = a.G, lp = (a.ls + W - 1) / W * W;
+  const int64_t G = a.G, lp = slab_width(a);
   const Tiles tiles[2] = {k_tiles(a, b, h, w), dp ? v_tiles(a, b, h) : Tiles{}};
   const float* rows[2] = {w.qb.data(), w.db.data()};
   float* out[2] = {w.ps.data(), w.dps.data()};
@@ -643,7 +646,7 @@ struct SlabRow {
 
 // the selected branch's outputs for queries [t0, t1): w.ob [Q G, Dv], w.lse [Q G]
 void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w) {
-  const int64_t G = a.G, Q = t1 - t0, lp = (a.ls + W - 1) / W * W, Dv = a.Dv, ldv = a.Hkv * Dv;
+  const int64_t G = a.G, Q = t1 - t0, lp = slab_width(a), Dv = a.Dv, ldv = a.Hkv * Dv;
   selected_pairs(a, b, h, t0, t1, w, false);
   gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
   selected_scores(a, b, h, w, false);
@@ -666,7 +669,7 @@ void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t
 // one matmul each over the block's slabs (their q / dO rows packed beside them).
 void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, float* dq,
                        float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
-  const int64_t G = a.G, Q = t1 - t0, ls = a.ls, lp = (ls + W - 1) / W * W, Dk = a.Dk, Dv = a.Dv;
+  const int64_t G = a.G, Q = t1 - t0, ls = a.ls, lp = slab_width(a), Dk = a.Dk, Dv = a.Dv;
   selected_pairs(a, b, h, t0, t1, w, true);
   float *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
   gather_rows(a, a.q, Dk, b, h, t0, Q, qb);
@@ -831,10 +834,10 @@ void set_selection(Args& a, Tensor& sel, int64_t num_select, int64_t num_init, i
 // every head before tile j + 1), about c / G of its query rows. The queries run from the last to
 // the first in phases, phase p over [cut[p + 1], cut[p]), each writing only rows above what it
 // and every later phase read; the first few queries (at the paper's shapes 16: the last phase),
-// whose rows hold the first tiles, transpose their tiles themselves (TileCache). Where the tiles do not fit (G = 1, or Dv much smaller than
-// Dk), they get a tensor of their own, as the backward's kT.
+// whose rows hold the first tiles, transpose their tiles themselves (TileCache). Where the tiles do
+// not fit (G = 1, or Dv much smaller than Dk), they get a tensor of their own, as the backward's kT.
 struct ForwardPlan {
-  std::vector<int64_t> cut{0, 0};  // descending query cuts, cut[0] = T, cut.back() = 0
+  std::vector<int64_t> cut;  // descending query cuts, cut[0] = T, cut.back() = 0
   bool in_output = false;  // the tiles are in o (the last phase uses TileCache)
   Tensor own;  // or here
   float* tiles = nullptr;  // what build_tiles fills (null: the tiles were given, or none are read)
@@ -846,7 +849,7 @@ NSA_INLINE int64_t tile_reach(int64_t c, int64_t Hkv, int64_t Dk) { return ((c -
 
 // the plan of a forward whose output is o [B, T, H, Dv]; sets the selected branch's kT (sel: its
 // Args, null when it does not run) when it was given none
-ForwardPlan plan_forward(Args* sel, Tensor& o) {
+ForwardPlan plan_forward(Args* sel, const Tensor& o) {
   ForwardPlan p;
   const int64_t T = o.size(1), row = o.size(2) * o.size(3);  // floats per query row of o
   p.cut = {T, 0};
@@ -879,7 +882,8 @@ void build_tiles(const Args& a, const ForwardPlan& p) {
   for (int64_t i = 0; i < a.B * per_b; ++i) {
     const int64_t b = i / per_b, j = i % per_b / a.Hkv, h = i % a.Hkv;
     const int64_t n = std::max<int64_t>(0, std::min(TW, a.S - j * TW));
-    transpose_tile(a.k + (b * a.S + j * TW) * ldk + h * a.Dk, ldk, n, a.Dk, p.tiles + b * a.kt_b + h * a.kt_h + j * a.kt_t);
+    float* out = p.tiles + b * a.kt_b + h * a.kt_h + j * a.kt_t;
+    transpose_tile(a.k + (b * a.S + j * TW) * ldk + h * a.Dk, ldk, n, a.Dk, out);
   }
 }
 
