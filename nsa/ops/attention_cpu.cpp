@@ -71,17 +71,32 @@ enum Mode : int64_t { kWindow = 0, kSelected = 1, kCompressed = 2 };
 
 // ---------------------------------------------------------------------------------------------- gemm
 
-// Y[r][0 : CB W] = alpha * sum_{i < m} A[r ars + i acs] X[i ldx + (0 : CB W)]  (+ Y if ACC), r < R:
+// X operands of the matmuls: row i of X is xr(i), its columns from j on xr.from(j)
+struct Strided {  // row-major rows ld floats apart
+  const float* x;
+  int64_t ld;
+  NSA_INLINE const float* operator()(int64_t i) const { return x + i * ld; }
+  NSA_INLINE Strided from(int64_t j) const { return {x + j, ld}; }
+};
+struct Gathered {  // rows anywhere: row i at rows[i] (the selected branch's q / dO rows of a block's pairs)
+  const float* const* rows;
+  int64_t off;
+  NSA_INLINE const float* operator()(int64_t i) const { return rows[i] + off; }
+  NSA_INLINE Gathered from(int64_t j) const { return {rows, off + j}; }
+};
+
+// Y[r][0 : CB W] = alpha * sum_{i < m} A[r ars + i acs] X[i][0 : CB W]  (+ Y if ACC), r < R:
 // the R x CB accumulators stay in registers, each X vector is used R times.
-template <int R, int CB, bool ACC>
-NSA_INLINE void gemm_tile(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m,
-                          float* Y, int64_t ldy, float alpha) {
+template <int R, int CB, bool ACC, class XR>
+NSA_INLINE void gemm_tile(const float* A, int64_t ars, int64_t acs, XR X, int64_t m, float* Y, int64_t ldy,
+                          float alpha) {
   vf acc[R][CB];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < CB; ++c) acc[r][c] = vf{};
   for (int64_t i = 0; i < m; ++i) {
     vf x[CB];
-    for (int c = 0; c < CB; ++c) x[c] = load(X + i * ldx + c * W);
+    const float* xi = X(i);
+    for (int c = 0; c < CB; ++c) x[c] = load(xi + c * W);
     for (int r = 0; r < R; ++r) {
       const vf a = splat(A[r * ars + i * acs]);
       for (int c = 0; c < CB; ++c) acc[r][c] += a * x[c];
@@ -97,18 +112,18 @@ NSA_INLINE void gemm_tile(const float* A, int64_t ars, int64_t acs, const float*
 }
 
 // the same for the last nt < W columns; XPAD: X rows may be read a whole vector past them
-template <int R, bool ACC, bool XPAD>
-NSA_INLINE void gemm_tail(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m,
-                          float* Y, int64_t ldy, float alpha, int64_t nt) {
+template <int R, bool ACC, bool XPAD, class XR>
+NSA_INLINE void gemm_tail(const float* A, int64_t ars, int64_t acs, XR X, int64_t m, float* Y, int64_t ldy,
+                          float alpha, int64_t nt) {
   vf acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vf{};
   float xb[W] = {};
   for (int64_t i = 0; i < m; ++i) {
     vf x;
     if constexpr (XPAD) {
-      x = load(X + i * ldx);
+      x = load(X(i));
     } else {
-      std::memcpy(xb, X + i * ldx, nt * sizeof(float));
+      std::memcpy(xb, X(i), nt * sizeof(float));
       x = load(xb);
     }
     for (int r = 0; r < R; ++r) acc[r] += splat(A[r * ars + i * acs]) * x;
@@ -119,40 +134,46 @@ NSA_INLINE void gemm_tail(const float* A, int64_t ars, int64_t acs, const float*
   }
 }
 
-template <int R, bool ACC, bool XPAD>
-NSA_INLINE void gemm_rows(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m, float* Y,
-                          int64_t ldy, int64_t N, float alpha) {
+template <int R, bool ACC, bool XPAD, class XR>
+NSA_INLINE void gemm_rows(const float* A, int64_t ars, int64_t acs, XR X, int64_t m, float* Y, int64_t ldy,
+                          int64_t N, float alpha) {
   int64_t j = 0;
   for (; j + kTileVecs * W <= N; j += kTileVecs * W)
-    gemm_tile<R, kTileVecs, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha);
+    gemm_tile<R, kTileVecs, ACC>(A, ars, acs, X.from(j), m, Y + j, ldy, alpha);
   switch ((N - j) / W) {  // fewer than kTileVecs vectors left
-    case 3: gemm_tile<R, 3, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += 3 * W; break;
-    case 2: gemm_tile<R, 2, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += 2 * W; break;
-    case 1: gemm_tile<R, 1, ACC>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha), j += W; break;
+    case 3: gemm_tile<R, 3, ACC>(A, ars, acs, X.from(j), m, Y + j, ldy, alpha), j += 3 * W; break;
+    case 2: gemm_tile<R, 2, ACC>(A, ars, acs, X.from(j), m, Y + j, ldy, alpha), j += 2 * W; break;
+    case 1: gemm_tile<R, 1, ACC>(A, ars, acs, X.from(j), m, Y + j, ldy, alpha), j += W; break;
     default: break;
   }
-  if (j < N) gemm_tail<R, ACC, XPAD>(A, ars, acs, X + j, ldx, m, Y + j, ldy, alpha, N - j);
+  if (j < N) gemm_tail<R, ACC, XPAD>(A, ars, acs, X.from(j), m, Y + j, ldy, alpha, N - j);
 }
 
 // Y [M, N] (row stride ldy) = alpha * A X (+ Y if ACC): A [M, m] read as A[r ars + i acs] (so a
-// transposed operand is just other strides), X [m, N] row-major (row stride ldx); kTileRows rows at
+// transposed operand is just other strides), X [m, N] by rows (Strided, Gathered); kTileRows rows at
 // a time (cpu_vec.h), then the rows left
-template <bool ACC, bool XPAD = false>
-void gemm(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m, float* Y, int64_t ldy,
-          int64_t M, int64_t N, float alpha) {
+template <bool ACC, bool XPAD = false, class XR>
+void gemm(const float* A, int64_t ars, int64_t acs, XR X, int64_t m, float* Y, int64_t ldy, int64_t M, int64_t N,
+          float alpha) {
   constexpr int RT = kTileRows;
   int64_t r = 0;
-  for (; r + RT <= M; r += RT) gemm_rows<RT, ACC, XPAD>(A + r * ars, ars, acs, X, ldx, m, Y + r * ldy, ldy, N, alpha);
+  for (; r + RT <= M; r += RT) gemm_rows<RT, ACC, XPAD>(A + r * ars, ars, acs, X, m, Y + r * ldy, ldy, N, alpha);
   const float* Ar = A + r * ars;
   float* Yr = Y + r * ldy;
   switch (M - r) {
-    case 5: gemm_rows<5, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-    case 4: gemm_rows<4, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-    case 3: gemm_rows<3, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-    case 2: gemm_rows<2, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
-    case 1: gemm_rows<1, ACC, XPAD>(Ar, ars, acs, X, ldx, m, Yr, ldy, N, alpha); break;
+    case 5: gemm_rows<5, ACC, XPAD>(Ar, ars, acs, X, m, Yr, ldy, N, alpha); break;
+    case 4: gemm_rows<4, ACC, XPAD>(Ar, ars, acs, X, m, Yr, ldy, N, alpha); break;
+    case 3: gemm_rows<3, ACC, XPAD>(Ar, ars, acs, X, m, Yr, ldy, N, alpha); break;
+    case 2: gemm_rows<2, ACC, XPAD>(Ar, ars, acs, X, m, Yr, ldy, N, alpha); break;
+    case 1: gemm_rows<1, ACC, XPAD>(Ar, ars, acs, X, m, Yr, ldy, N, alpha); break;
     default: break;
   }
+}
+// X [m, N] row-major, rows ldx floats apart
+template <bool ACC, bool XPAD = false>
+NSA_INLINE void gemm(const float* A, int64_t ars, int64_t acs, const float* X, int64_t ldx, int64_t m, float* Y,
+                     int64_t ldy, int64_t M, int64_t N, float alpha) {
+  gemm<ACC, XPAD>(A, ars, acs, Strided{X, ldx}, m, Y, ldy, M, N, alpha);
 }
 
 // ---------------------------------------------------------------------------------------------- spans
@@ -340,19 +361,24 @@ void mask_group(const Args& a, int64_t t0, int64_t Q, int64_t u0, int64_t n, flo
 // slabs, one per block (selected_forward / selected_backward). seg(e) -> segment e's first float.
 // softmax_row: x <- exp(x - max) (not normalised: the caller scales the row's P @ V by inv = 1 / sum
 // instead of the whole row), lse = max + log(sum); a row with no visible key (all -inf: a masked row
-// of a group, or none selected) becomes 0 with lse = -inf, inv = 0.
-template <class Seg>
-NSA_INLINE void softmax_row(int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
+// of a group, or none selected) becomes 0 with lse = -inf, inv = 0. The selected branch takes each
+// slab's max as its scores are made (selected_scores), so that its softmax is one pass, not two.
+
+// the largest of a row's len (a multiple of W) floats from x on
+NSA_INLINE float row_max(const float* x, int64_t len) {
   vf m = splat(kNegInf);
-  for (int64_t e = 0; e < ns; ++e) {
-    const float* x = seg(e);
-    for (int64_t i = 0; i < len; i += W) {
-      const vf v = load(x + i);
-      m = v > m ? v : m;
-    }
+  for (int64_t i = 0; i < len; i += W) {
+    const vf v = load(x + i);
+    m = v > m ? v : m;
   }
   float mx = m[0];
   for (int k = 1; k < W; ++k) mx = std::max(mx, m[k]);
+  return mx;
+}
+
+// softmax_row given the row's max mx (-inf: nothing visible)
+template <class Seg>
+NSA_INLINE void softmax_exp(float mx, int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
   if (mx == kNegInf) {
     for (int64_t e = 0; e < ns; ++e) std::fill(seg(e), seg(e) + len, 0.f);
     lse = kNegInf, inv = 0.f;
@@ -370,6 +396,13 @@ NSA_INLINE void softmax_row(int64_t ns, int64_t len, Seg seg, float& lse, float&
   float tot = 0.f;
   for (int k = 0; k < W; ++k) tot += sum[k];
   lse = mx + std::log(tot), inv = 1.f / tot;
+}
+
+template <class Seg>
+NSA_INLINE void softmax_row(int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
+  float mx = kNegInf;
+  for (int64_t e = 0; e < ns; ++e) mx = std::max(mx, row_max(seg(e), len));
+  softmax_exp(mx, ns, len, seg, lse, inv);
 }
 
 // softmax_row of rows g < G of s (n >= 1 columns, -inf up to n rounded to W, row stride ld)
@@ -408,7 +441,8 @@ struct Scratch {
   std::vector<float> s, dp, qb, db, ob, dqb, lse, inv, sel;
   std::vector<int64_t> st, ln, top;
   // the selected branch by block (selected_forward / _backward): score slabs, packed rows, pairs
-  std::vector<float> ps, dps, px;
+  std::vector<float> ps, dps, pmax;  // pmax: each slab row's max
+  std::vector<const float*> xrows;
   std::vector<int64_t> nslab, slab;
   std::vector<Pair> pairs;
   TileCache tiles[3];  // per mode: K^T tiles of a branch given no kT
@@ -448,11 +482,17 @@ NSA_INLINE Tiles v_tiles(const Args& a, int64_t b, int64_t h) {
   return {a.vT + (b * a.Hkv + h) * a.NT * a.Dv * TW, nullptr, 0, a.S, a.Dv, nullptr, a.Dv * TW};
 }
 
+// the G rows of query t of KV head h in row b of x [B, T, H, D]: [G, D], contiguous
+template <class F>
+NSA_INLINE F* head_rows(const Args& a, F* x, int64_t D, int64_t b, int64_t h, int64_t t) {
+  return x + ((b * a.T + t) * a.H + h * a.G) * D;
+}
+
 // rows [t0, t0 + Q) x G of x [B, T, H, D] (KV head h of row b) -> y [Q G, D]
 NSA_INLINE void gather_rows(const Args& a, const float* x, int64_t D, int64_t b, int64_t h, int64_t t0, int64_t Q,
                             float* y) {
   for (int64_t t = t0; t < t0 + Q; ++t)
-    std::memcpy(y + (t - t0) * a.G * D, x + ((b * a.T + t) * a.H + h * a.G) * D, a.G * D * sizeof(float));
+    std::memcpy(y + (t - t0) * a.G * D, head_rows(a, x, D, b, h, t), a.G * D * sizeof(float));
 }
 
 // the compressed branch's block selection for queries [t0, t0 + Q) from s = exp(S - max) of their
@@ -510,23 +550,11 @@ void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Sc
 
 // dS of one score row (segments as softmax_row's: sx(e) of exp(S - max), sy(e) of dP) of global row
 // r, with its lse and inv = 1 / sum from softmax_row: x <- gate P, y <- dS = gate P (dP - delta +
-// dlse), dgate[r lgs] <- delta = rowsum(P * dP) (see backward_group)
+// dlse), dgate[r lgs] <- delta = rowsum(P * dP) (see backward_group). dscores_write is its last
+// pass, given delta.
 template <class SegX, class SegY>
-NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float lse, float inv,
-                            int64_t r, const float* gate, float* dgate, int64_t lgs) {
-  if (lse == kNegInf) {  // nothing visible: no gradient (softmax_row zeroed x)
-    for (int64_t e = 0; e < ns; ++e) std::fill(sy(e), sy(e) + len, 0.f);
-    if (dgate != nullptr) dgate[r * lgs] = 0.f;
-    return;
-  }
-  vf acc = vf{};
-  for (int64_t e = 0; e < ns; ++e) {
-    const float *x = sx(e), *y = sy(e);
-    for (int64_t i = 0; i < len; i += W) acc += load(x + i) * load(y + i);
-  }
-  float delta = 0.f;
-  for (int k = 0; k < W; ++k) delta += acc[k];
-  delta *= inv;
+NSA_INLINE void dscores_write(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float delta, float inv,
+                              int64_t r, const float* gate, float* dgate, int64_t lgs) {
   if (dgate != nullptr) dgate[r * lgs] = delta;
   if (a.dlse != nullptr) delta -= a.dlse[r];
   const float pscale = inv * (gate != nullptr ? gate[r * lgs] : 1.f);
@@ -538,6 +566,54 @@ NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, Seg
       store(y + i, p * (load(y + i) - delta));
     }
   }
+}
+
+// a row with nothing visible: no gradient (softmax_row zeroed x)
+template <class SegY>
+NSA_INLINE void dscores_none(int64_t ns, int64_t len, SegY sy, int64_t r, float* dgate, int64_t lgs) {
+  for (int64_t e = 0; e < ns; ++e) std::fill(sy(e), sy(e) + len, 0.f);
+  if (dgate != nullptr) dgate[r * lgs] = 0.f;
+}
+
+template <class SegX, class SegY>
+NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float lse, float inv,
+                            int64_t r, const float* gate, float* dgate, int64_t lgs) {
+  if (lse == kNegInf) return dscores_none(ns, len, sy, r, dgate, lgs);
+  vf acc = vf{};
+  for (int64_t e = 0; e < ns; ++e) {
+    const float *x = sx(e), *y = sy(e);
+    for (int64_t i = 0; i < len; i += W) acc += load(x + i) * load(y + i);
+  }
+  float delta = 0.f;
+  for (int k = 0; k < W; ++k) delta += acc[k];
+  dscores_write(a, ns, len, sx, sy, delta * inv, inv, r, gate, dgate, lgs);
+}
+
+// softmax_exp and dscores_row of one row in two passes over it instead of three: rowsum(P * dP) is
+// summed as the exponentials are made (the same products in the same order: the same bits)
+template <class SegX, class SegY>
+NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t len, SegX sx, SegY sy, int64_t r,
+                                    const float* gate, float* dgate, int64_t lgs) {
+  if (mx == kNegInf) {
+    for (int64_t e = 0; e < ns; ++e) std::fill(sx(e), sx(e) + len, 0.f);
+    return dscores_none(ns, len, sy, r, dgate, lgs);
+  }
+  vf sum = vf{}, acc = vf{};
+  for (int64_t e = 0; e < ns; ++e) {
+    float* x = sx(e);
+    const float* y = sy(e);
+    for (int64_t i = 0; i < len; i += W) {
+      const vf v = vexp(load(x + i) - mx);
+      store(x + i, v);
+      sum += v;
+      acc += v * load(y + i);
+    }
+  }
+  float tot = 0.f, delta = 0.f;
+  for (int k = 0; k < W; ++k) tot += sum[k];
+  for (int k = 0; k < W; ++k) delta += acc[k];
+  const float inv = 1.f / tot;
+  dscores_write(a, ns, len, sx, sy, delta * inv, inv, r, gate, dgate, lgs);
 }
 
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
@@ -590,7 +666,8 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 // rows (inner dimension G x queries instead of G). Each (query, block) pair's scores live in a slab
 // [G, lp] of w.ps (and dP / dS of w.dps), the slabs in block order, so a block's slabs are one
 // matrix; a query's row is its slabs in ascending block order. The per-row arithmetic is
-// backward_group's and attend_group's; with lp == l' (blocks a multiple of W) the bits are too.
+// backward_group's and attend_group's (each S row's max taken as its slab is made, in L1, and in the
+// backward rowsum(P dP) as P is: two passes over a row instead of four).
 
 // the pairs of queries [t0, t1) sorted by block (w.pairs), each query's slabs in ascending block
 // order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
@@ -610,15 +687,18 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
   }
   const size_t need = w.pairs.size() * a.G * lp;
   if (w.ps.size() < need) w.ps.resize(need);
+  if (w.pmax.size() < w.pairs.size() * a.G) w.pmax.resize(w.pairs.size() * a.G);
   if (with_dp && w.dps.size() < need) w.dps.resize(need);
 }
 
-// per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp: the
-// block's K (V) tile is read once for all its queries; q rows of the task in w.qb (dO rows in w.db)
-void selected_scores(const Args& a, int64_t b, int64_t h, Scratch& w, bool dp) {
+// per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp, and the
+// max of each S row into w.pmax: the block's K (V) tile is read once for all its queries (t0: the
+// task's first), their q (dO) rows read where they are
+void selected_scores(const Args& a, int64_t b, int64_t h, int64_t t0, Scratch& w, bool dp) {
   const int64_t G = a.G, lp = slab_width(a);
   const Tiles tiles[2] = {k_tiles(a, b, h, w), dp ? v_tiles(a, b, h) : Tiles{}};
-  const float* rows[2] = {w.qb.data(), w.db.data()};
+  const float* rows[2] = {head_rows(a, a.q, a.Dk, b, h, t0), dp ? head_rows(a, a.dout, a.Dv, b, h, t0) : nullptr};
+  const int64_t ld[2] = {a.H * a.Dk, a.H * a.Dv};  // floats from one query's rows to the next's
   float* out[2] = {w.ps.data(), w.dps.data()};
   const int64_t D[2] = {a.Dk, a.Dv};
   const float scale[2] = {a.scale, 1.f}, pad[2] = {kNegInf, 0.f};
@@ -629,9 +709,11 @@ void selected_scores(const Args& a, int64_t b, int64_t h, Scratch& w, bool dp) {
         const Pair& p = w.pairs[k];
         const int64_t st = p.j * a.ls, len = p.len, nr = (len + W - 1) / W * W;
         float* s = out[x] + k * G * lp;
-        span_scores(rows[x] + p.i * G * D[x], G, D[x], tiles[x], 1, &st, &len, s, lp, scale[x], pad[x]);
+        span_scores(rows[x] + p.i * ld[x], G, D[x], tiles[x], 1, &st, &len, s, lp, scale[x], pad[x]);
         if (nr < lp)
           for (int64_t g = 0; g < G; ++g) std::fill(s + g * lp + nr, s + (g + 1) * lp, pad[x]);
+        if (x == 0)  // while the slab is in L1
+          for (int64_t g = 0; g < G; ++g) w.pmax[k * G + g] = row_max(s + g * lp, lp);
       }
   }
 }
@@ -644,16 +726,23 @@ struct SlabRow {
   float* operator()(int64_t e) const { return x + (slab[e] * G + g) * lp; }
 };
 
+// row g of query i: the max of its slabs' rows (selected_scores'), -inf when it has none
+NSA_INLINE float slab_max(const Scratch& w, int64_t n, int64_t G, int64_t i, int64_t g) {
+  float mx = kNegInf;
+  for (int64_t e = 0; e < w.nslab[i]; ++e) mx = std::max(mx, w.pmax[w.slab[i * n + e] * G + g]);
+  return mx;
+}
+
 // the selected branch's outputs for queries [t0, t1): w.ob [Q G, Dv], w.lse [Q G]
 void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w) {
   const int64_t G = a.G, Q = t1 - t0, lp = slab_width(a), Dv = a.Dv, ldv = a.Hkv * Dv;
   selected_pairs(a, b, h, t0, t1, w, false);
-  gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
-  selected_scores(a, b, h, w, false);
+  selected_scores(a, b, h, t0, w, false);
   float *ps = w.ps.data(), *ob = w.ob.data();
   for (int64_t i = 0; i < Q; ++i)
     for (int64_t g = 0; g < G; ++g)
-      softmax_row(w.nslab[i], lp, SlabRow{ps, w.slab.data() + i * a.n, g, G, lp}, w.lse[i * G + g], w.inv[i * G + g]);
+      softmax_exp(slab_max(w, a.n, G, i, g), w.nslab[i], lp, SlabRow{ps, w.slab.data() + i * a.n, g, G, lp},
+                  w.lse[i * G + g], w.inv[i * G + g]);
   std::fill(ob, ob + Q * G * Dv, 0.f);
   const float* vh = a.v + b * a.S * ldv + h * Dv;
   for (size_t k = 0; k < w.pairs.size(); ++k) {  // o += P V, block by block
@@ -665,57 +754,46 @@ void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t
 }
 
 // The selected branch's backward for queries [t0, t1) (backward_group's arguments): S and dP per
-// pair, softmax and dS per query, then per block the dQ of each of its queries and its dK / dV as
-// one matmul each over the block's slabs (their q / dO rows packed beside them).
+// pair, softmax and dS per query, then per block the dQ of each of its queries (added to dq) and its
+// dK / dV as one matmul each over the block's slabs and their q / dO rows, read where they are.
 void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, float* dq,
                        float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
   const int64_t G = a.G, Q = t1 - t0, ls = a.ls, lp = slab_width(a), Dk = a.Dk, Dv = a.Dv;
   selected_pairs(a, b, h, t0, t1, w, true);
-  float *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
-  gather_rows(a, a.q, Dk, b, h, t0, Q, qb);
-  gather_rows(a, a.dout, Dv, b, h, t0, Q, db);
-  selected_scores(a, b, h, w, true);
+  selected_scores(a, b, h, t0, w, true);
   float *ps = w.ps.data(), *dps = w.dps.data();
   const int64_t r0 = (b * a.T + t0) * a.H + h * G;
   for (int64_t i = 0; i < Q; ++i)  // P and dS per query, over its slabs
     for (int64_t g = 0; g < G; ++g) {
       const int64_t* sl = w.slab.data() + i * a.n;
       const SlabRow x{ps, sl, g, G, lp}, y{dps, sl, g, G, lp};
-      float lse, inv;
-      softmax_row(w.nslab[i], lp, x, lse, inv);
-      dscores_row(a, w.nslab[i], lp, x, y, lse, inv, r0 + i * a.H + g, gate, dgate, lgs);
+      softmax_dscores_row(a, slab_max(w, a.n, G, i, g), w.nslab[i], lp, x, y, r0 + i * a.H + g, gate, dgate, lgs);
     }
   const int64_t ldk = a.Hkv * Dk;  // K rows of head h
   const float* kh = a.k + b * a.S * ldk + h * Dk;
-  w.px.resize(Q * G * std::max(Dk, Dv));
-  float* px = w.px.data();
-  std::fill(dqb, dqb + Q * G * Dk, 0.f);
+  w.xrows.resize(Q * G);
   for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {  // per block: its queries' dQ, then dK, dV
     const int64_t j = w.pairs[p0].j, st = j * ls;
     int64_t len = 0;
     for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == j; ++p1) {
       const Pair& p = w.pairs[p1];
       len = std::max(len, p.len);
-      gemm<true>(dps + p1 * G * lp, lp, 1, kh + st * ldk, ldk, p.len, dqb + p.i * G * Dk, Dk, G, Dk, a.scale);
+      gemm<true>(dps + p1 * G * lp, lp, 1, kh + st * ldk, ldk, p.len, head_rows(a, dq, Dk, b, h, t0 + p.i), Dk, G,
+                 Dk, a.scale);
     }
-    // dK += scale dS^T q, dV += P^T dO: the slabs [m, lp] are A^T as they are, the rows beside them
+    // dK += scale dS^T q, dV += P^T dO: the slabs [m, lp] are A^T as they are
     const int64_t m = static_cast<int64_t>(p1 - p0) * G;
     for (int pass = 0; pass < 2; ++pass) {
-      const float* x = pass == 0 ? qb : db;
+      const float* x = pass == 0 ? a.q : a.dout;
       const int64_t D = pass == 0 ? Dk : Dv;
       for (size_t e = p0; e < p1; ++e)
-        std::memcpy(px + (e - p0) * G * D, x + w.pairs[e].i * G * D, G * D * sizeof(float));
+        for (int64_t g = 0; g < G; ++g)
+          w.xrows[(e - p0) * G + g] = head_rows(a, x, D, b, h, t0 + w.pairs[e].i) + g * D;
       const float* A = (pass == 0 ? dps : ps) + p0 * G * lp;
       float* y = pass == 0 ? dkh + st * Dk : dvh + st * Dv;
-      gemm<true>(A, 1, lp, px, D, m, y, D, len, D, pass == 0 ? a.scale : 1.f);
+      gemm<true>(A, 1, lp, Gathered{w.xrows.data(), 0}, m, y, D, len, D, pass == 0 ? a.scale : 1.f);
     }
   }
-  for (int64_t i = 0; i < Q; ++i)
-    for (int64_t g = 0; g < G; ++g) {
-      float* y = dq + (r0 + i * a.H + g) * Dk;
-      const float* x = dqb + (i * G + g) * Dk;
-      for (int64_t e = 0; e < Dk; ++e) y[e] += x[e];
-    }
 }
 
 // One branch over the next queries of [t, t_end) of KV head h in row b, in the unit its code takes:
@@ -743,6 +821,12 @@ int64_t backward_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_
   const int64_t Q = group_size(t, t_end);
   backward_group(a, b, h, t, Q, w, dq, dkh, dvh, gate, dgate, lgs);
   return Q;
+}
+
+// zeroes dq's rows of queries [t0, t1) of KV head h in row b (dq [B, T, H, Dk]) just before a task's
+// branches add into them: in cache, by the task's thread, instead of a pass over the whole of dq first
+NSA_INLINE void zero_dq(const Args& a, float* dq, int64_t b, int64_t h, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) std::fill_n(dq + ((b * a.T + t) * a.H + h * a.G) * a.Dk, a.G * a.Dk, 0.f);
 }
 
 // Work split of a backward: whole (b, h) pairs per task when there are as many as threads, else
@@ -955,7 +1039,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
     check_f32(dlse, "dlse", 3);
     a.dlse = dlse.data_ptr<float>();
   }
-  Tensor dq = at::zeros({a.B, a.T, a.H, a.Dk}, q.options());
+  Tensor dq = at::empty({a.B, a.T, a.H, a.Dk}, q.options());  // zeroed by the tasks (zero_dq)
   Tensor dkh = at::zeros({a.B, a.Hkv, a.S, a.Dk}, q.options());
   Tensor dvh = at::zeros({a.B, a.Hkv, a.S, a.Dv}, q.options());
   float *dqp = dq.data_ptr<float>(), *dkp = dkh.data_ptr<float>(), *dvp = dvh.data_ptr<float>();
@@ -972,8 +1056,11 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
       float* buf = split.buffer(i);
       float* dk = buf != nullptr ? buf : dkp + bh * a.S * a.Dk;
       float* dv = buf != nullptr ? buf + a.S * a.Dk : dvp + bh * a.S * a.Dv;
-      for (int64_t t = split.cut[p]; t < split.cut[p + 1];)
-        t += backward_rows(a, b, h, t, split.cut[p + 1], w, dqp, dk, dv, nullptr, nullptr, 0);
+      for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += QB) {  // QB at a time: the forward's groups
+        const int64_t t1 = std::min(split.cut[p + 1], t0 + QB);
+        zero_dq(a, dqp, b, h, t0, t1);
+        for (int64_t t = t0; t < t1;) t += backward_rows(a, b, h, t, t1, w, dqp, dk, dv, nullptr, nullptr, 0);
+      }
     }
   }
   split.reduce(dkp, BH, 0, a.S * a.Dk);
@@ -1111,7 +1198,7 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
                        num_init, num_local);
   const Args& a0 = f.run[0] ? f.br[0] : f.br[2];
   const int64_t G = a0.G, Hkv = a0.Hkv, Dk = a0.Dk, BH = B * Hkv;
-  Tensor dq = at::zeros({B, T, H, Dk}, q.options());
+  Tensor dq = at::empty({B, T, H, Dk}, q.options());  // zeroed by the tasks (zero_dq)
   Tensor dgates = at::zeros({B, T, H, 3}, q.options());
   std::vector<Tensor> dkh(3), dvh(3);
   int64_t per_task = 0, offset[3] = {0, 0, 0};
@@ -1149,6 +1236,7 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
       for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += QB) {
         const int64_t t1 = std::min(split.cut[p + 1], t0 + QB);
         mine.at(t0);
+        zero_dq(a0, dqp, b, h, t0, t1);
         for (int c = 0; c < 3; ++c) {
           if (!f.run[c]) continue;
           const Args& a = mine.br[c];
