@@ -438,16 +438,17 @@ struct Pair {  // selected block j of query t0 + i of a task, its first len keys
 NSA_INLINE int64_t slab_width(const Args& a) { return (a.ls + W - 1) / W * W; }
 
 struct Scratch {
-  std::vector<float> s, dp, qb, db, ob, dqb, lse, inv, sel;
+  std::vector<float> s, dp, qb, db, ob, lse, inv, sel;
   std::vector<int64_t> st, ln, top;
-  // the selected branch by block (selected_forward / _backward): score slabs, packed rows, pairs
-  std::vector<float> ps, dps, pmax;  // pmax: each slab row's max
+  // the selected branch by block (selected_forward / _backward): score slabs, each slab row's max,
+  // the q / dO rows of a block's pairs, the pairs
+  std::vector<float> ps, dps, pmax;
   std::vector<const float*> xrows;
   std::vector<int64_t> nslab, slab;
   std::vector<Pair> pairs;
   TileCache tiles[3];  // per mode: K^T tiles of a branch given no kT
   int64_t ld = 0;
-  // backward: also dP, dO and dQ rows (a forward's would be touched memory it need not hold: 1 MB
+  // backward: also dP and dO rows (a forward's would be touched memory it need not hold: ~1 MB
   // per thread at 32k, paper shapes)
   void init(const Args* const* branches, int64_t count, bool backward) {
     int64_t keys = 0, n = 1, G = 0, Dk = 0, Dv = 0;
@@ -467,7 +468,7 @@ struct Scratch {
     const int64_t M = QG * G;
     ld = (keys + 2 * W - 1) / W * W;
     s.resize(M * ld), qb.resize(M * Dk), ob.resize(M * Dv), lse.resize(M), inv.resize(M), st.resize(n), ln.resize(n);
-    if (backward) dp.resize(M * ld), db.resize(M * Dv), dqb.resize(M * Dk);
+    if (backward) dp.resize(M * ld), db.resize(M * Dv);
   }
 };
 
@@ -496,36 +497,42 @@ NSA_INLINE void gather_rows(const Args& a, const float* x, int64_t D, int64_t b,
 }
 
 // the compressed branch's block selection for queries [t0, t0 + Q) from s = exp(S - max) of their
-// rows and w.inv (softmax_lse's; n visible columns in all, 0: none): the same call in the forward
+// rows and inv = 1 / sum of each (n visible columns in all, 0: none): the same call in the forward
 // and in the backward, which recomputes the selection instead of keeping it
-void select_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, int64_t n, const float* s, Scratch& w) {
+void select_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, int64_t n, const float* s,
+                  const float* inv, Scratch& w) {
   for (int64_t t = t0; t < t0 + Q; ++t) {
     int64_t lo, hi;
     own_range(a, t, lo, hi);
-    select_query(a, b, h, t, s + (t - t0) * a.G * w.ld, w.ld, w.inv.data() + (t - t0) * a.G, n == 0 ? 0 : hi, w.sel,
-                 w.top);
+    select_query(a, b, h, t, s + (t - t0) * a.G * w.ld, w.ld, inv + (t - t0) * a.G, n == 0 ? 0 : hi, w.sel, w.top);
   }
 }
 
-// The first half of both the forward and the backward of queries [t0, t0 + Q) of KV head h in row
-// b, one code path so that both see the same bits: their q rows into w.qb, their key spans (w.st,
-// w.ln; count into ns), w.s <- exp(S - max) with w.inv = 1 / sum and w.lse (-inf, row zeroed, where
-// nothing is visible), and for the compressed branch with a.sel set the selected blocks. Returns n,
-// the columns of the score rows (0: no key visible to any of them).
+// The scores of queries [t0, t0 + Q) of KV head h in row b, for both the forward and the backward, one
+// code path so that both see the same bits: their q rows into w.qb, their key spans (w.st, w.ln;
+// count into ns), w.s <- S, -inf where a row's own range ends. Returns n, the columns of the score
+// rows (0: no key visible to any of them).
+int64_t scores_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, int64_t& ns) {
+  gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
+  ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
+  const int64_t n = span_scores(w.qb.data(), Q * a.G, a.Dk, k_tiles(a, b, h, w), ns, w.st.data(), w.ln.data(),
+                                w.s.data(), w.ld, a.scale, kNegInf);
+  if (n > 0) mask_group(a, t0, Q, w.st[0], n, w.s.data(), w.ld);
+  return n;
+}
+
+// The forward's first half: scores_group, then w.s <- exp(S - max) with w.inv = 1 / sum and w.lse
+// (-inf, row zeroed, where nothing is visible), and for the compressed branch with a.sel set the
+// selected blocks (select_group). Returns scores_group's n.
 int64_t softmax_rows(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, int64_t& ns) {
   const int64_t M = Q * a.G;
   float* s = w.s.data();
-  gather_rows(a, a.q, a.Dk, b, h, t0, Q, w.qb.data());
-  ns = group_spans(a, b, h, t0, Q, w.st.data(), w.ln.data());
-  const int64_t n = span_scores(w.qb.data(), M, a.Dk, k_tiles(a, b, h, w), ns, w.st.data(), w.ln.data(),
-                                s, w.ld, a.scale, kNegInf);
-  if (n == 0) {
+  const int64_t n = scores_group(a, b, h, t0, Q, w, ns);
+  if (n == 0)
     std::fill(w.lse.begin(), w.lse.begin() + M, kNegInf);
-  } else {
-    mask_group(a, t0, Q, w.st[0], n, s, w.ld);
+  else
     softmax_lse(s, M, n, w.ld, w.lse.data(), w.inv.data());
-  }
-  if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w);
+  if (a.sel != nullptr) select_group(a, b, h, t0, Q, n, s, w.inv.data(), w);
   return n;
 }
 
@@ -589,14 +596,15 @@ NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, Seg
   dscores_write(a, ns, len, sx, sy, delta * inv, inv, r, gate, dgate, lgs);
 }
 
-// softmax_exp and dscores_row of one row in two passes over it instead of three: rowsum(P * dP) is
-// summed as the exponentials are made (the same products in the same order: the same bits)
+// softmax_exp of one row (sx; mx its max) that also sums rowsum(P * dP) (sy: dP) as it makes P, the
+// same products in the same order as dscores_row: inv = 1 / sum (0: nothing visible, x zeroed) and
+// delta = rowsum(P * dP)
 template <class SegX, class SegY>
-NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t len, SegX sx, SegY sy, int64_t r,
-                                    const float* gate, float* dgate, int64_t lgs) {
+NSA_INLINE void softmax_delta(float mx, int64_t ns, int64_t len, SegX sx, SegY sy, float& inv, float& delta) {
   if (mx == kNegInf) {
     for (int64_t e = 0; e < ns; ++e) std::fill(sx(e), sx(e) + len, 0.f);
-    return dscores_none(ns, len, sy, r, dgate, lgs);
+    inv = delta = 0.f;
+    return;
   }
   vf sum = vf{}, acc = vf{};
   for (int64_t e = 0; e < ns; ++e) {
@@ -609,11 +617,20 @@ NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t
       acc += v * load(y + i);
     }
   }
-  float tot = 0.f, delta = 0.f;
+  float tot = 0.f, d = 0.f;
   for (int k = 0; k < W; ++k) tot += sum[k];
-  for (int k = 0; k < W; ++k) delta += acc[k];
-  const float inv = 1.f / tot;
-  dscores_write(a, ns, len, sx, sy, delta * inv, inv, r, gate, dgate, lgs);
+  for (int k = 0; k < W; ++k) d += acc[k];
+  inv = 1.f / tot, delta = d * inv;
+}
+
+// softmax_exp and dscores_row of one row in two passes over it instead of three
+template <class SegX, class SegY>
+NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t len, SegX sx, SegY sy, int64_t r,
+                                    const float* gate, float* dgate, int64_t lgs) {
+  float inv, delta;
+  softmax_delta(mx, ns, len, sx, sy, inv, delta);
+  if (inv == 0.f) return dscores_none(ns, len, sy, r, dgate, lgs);
+  dscores_write(a, ns, len, sx, sy, delta, inv, r, gate, dgate, lgs);
 }
 
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
@@ -625,13 +642,14 @@ NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t
 void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Scratch& w, float* dq, float* dkh,
                     float* dvh, const float* gate, float* dgate, int64_t lgs) {
   const int64_t G = a.G, M = Q * G, ld = w.ld, r0 = (b * a.T + t0) * a.H + h * G;
-  float *s = w.s.data(), *dp = w.dp.data(), *qb = w.qb.data(), *db = w.db.data(), *dqb = w.dqb.data();
+  float *s = w.s.data(), *dp = w.dp.data(), *qb = w.qb.data(), *db = w.db.data();
   const int64_t* st = w.st.data();
   const int64_t* ln = w.ln.data();
   auto grow = [&](int64_t m) { return r0 + (m / G) * a.H + m % G; };  // group row -> global row
   int64_t ns;
-  const int64_t n = softmax_rows(a, b, h, t0, Q, w, ns);  // s <- exp(S - max), as the forward
+  const int64_t n = scores_group(a, b, h, t0, Q, w, ns);  // S, as the forward's
   if (n == 0) {
+    if (a.sel != nullptr) select_group(a, b, h, t0, Q, 0, s, w.inv.data(), w);
     if (dgate != nullptr)
       for (int64_t m = 0; m < M; ++m) dgate[grow(m) * lgs] = 0.f;
     return;
@@ -639,21 +657,31 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
   gather_rows(a, a.dout, a.Dv, b, h, t0, Q, db);
   span_scores(db, M, a.Dv, v_tiles(a, b, h), ns, st, ln, dp, ld, 1.f, 0.f);
   const int64_t nr = (n + W - 1) / W * W;
-  for (int64_t m = 0; m < M; ++m)
-    dscores_row(a, 1, nr, [&](int64_t) { return s + m * ld; }, [&](int64_t) { return dp + m * ld; }, w.lse[m],
-                w.inv[m], grow(m), gate, dgate, lgs);
+  float* inv = w.inv.data();
+  float* delta = w.lse.data();  // the forward's lse slots, free here
+  for (int64_t i = 0; i < Q; ++i) {  // per query: P (softmax_lse's bits) and rowsum(P dP), its selection, dS
+    for (int64_t m = i * G; m < (i + 1) * G; ++m) {
+      const auto x = [&](int64_t) { return s + m * ld; };
+      softmax_delta(row_max(s + m * ld, nr), 1, nr, x, [&](int64_t) { return dp + m * ld; }, inv[m], delta[m]);
+    }
+    if (a.sel != nullptr) select_group(a, b, h, t0 + i, 1, n, s + i * G * ld, inv + i * G, w);
+    for (int64_t m = i * G; m < (i + 1) * G; ++m) {
+      const auto x = [&](int64_t) { return s + m * ld; };
+      const auto y = [&](int64_t) { return dp + m * ld; };
+      if (inv[m] == 0.f)
+        dscores_none(1, nr, y, grow(m), dgate, lgs);
+      else
+        dscores_write(a, 1, nr, x, y, delta[m], inv[m], grow(m), gate, dgate, lgs);
+    }
+  }
   const int64_t ldk = a.Hkv * a.Dk;  // K rows of head h
   const float* kh = a.k + b * a.S * ldk + h * a.Dk;
-  std::fill(dqb, dqb + M * a.Dk, 0.f);
   for (int64_t e = 0, c = 0; e < ns; c += ln[e], ++e) {
-    gemm<true>(dp + c, ld, 1, kh + st[e] * ldk, ldk, ln[e], dqb, a.Dk, M, a.Dk, a.scale);
+    for (int64_t i = 0; i < Q; ++i)  // dQ into dq: one query's G rows at a time (contiguous there)
+      gemm<true>(dp + c + i * G * ld, ld, 1, kh + st[e] * ldk, ldk, ln[e], head_rows(a, dq, a.Dk, b, h, t0 + i),
+                 a.Dk, G, a.Dk, a.scale);
     gemm<true>(dp + c, 1, ld, qb, a.Dk, M, dkh + st[e] * a.Dk, a.Dk, ln[e], a.Dk, a.scale);
     gemm<true>(s + c, 1, ld, db, a.Dv, M, dvh + st[e] * a.Dv, a.Dv, ln[e], a.Dv, 1.f);
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    float* y = dq + grow(m) * a.Dk;
-    const float* x = dqb + m * a.Dk;
-    for (int64_t e = 0; e < a.Dk; ++e) y[e] += x[e];
   }
 }
 
