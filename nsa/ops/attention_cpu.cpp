@@ -444,7 +444,7 @@ struct Scratch {
   // the q / dO rows of a block's pairs, the pairs
   std::vector<float> ps, dps, pmax;
   std::vector<const float*> xrows;
-  std::vector<int64_t> nslab, slab;
+  std::vector<int64_t> nslab, slab, first, blk, nsel;  // first, blk, nsel: selected_pairs' sort
   std::vector<Pair> pairs;
   TileCache tiles[3];  // per mode: K^T tiles of a branch given no kT
   int64_t ld = 0;
@@ -700,14 +700,21 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 // the pairs of queries [t0, t1) sorted by block (w.pairs), each query's slabs in ascending block
 // order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
 void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, bool with_dp) {
-  const int64_t Q = t1 - t0, lp = slab_width(a);
-  w.pairs.clear();
+  const int64_t Q = t1 - t0, lp = slab_width(a), nblk = (t1 - 1) / a.ls + 1;  // blocks <= the last query's
+  // counting sort by block of the pairs made in query order: (block, query) order
+  w.first.assign(nblk + 1, 0), w.blk.resize(Q * a.n), w.nsel.resize(Q);
   for (int64_t i = 0; i < Q; ++i) {
-    const int64_t nb = selected_blocks(a, b, h, t0 + i, w.st.data());
-    for (int64_t e = 0; e < nb; ++e) w.pairs.push_back({w.st[e], i, std::min(a.ls, t0 + i + 1 - w.st[e] * a.ls)});
+    int64_t* blk = w.blk.data() + i * a.n;
+    w.nsel[i] = selected_blocks(a, b, h, t0 + i, blk);
+    for (int64_t e = 0; e < w.nsel[i]; ++e) ++w.first[blk[e] + 1];
   }
-  std::sort(w.pairs.begin(), w.pairs.end(),
-            [](const Pair& x, const Pair& y) { return x.j != y.j ? x.j < y.j : x.i < y.i; });
+  for (int64_t j = 0; j < nblk; ++j) w.first[j + 1] += w.first[j];
+  w.pairs.resize(w.first[nblk]);
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t e = 0; e < w.nsel[i]; ++e) {
+      const int64_t j = w.blk[i * a.n + e];
+      w.pairs[w.first[j]++] = {j, i, std::min(a.ls, t0 + i + 1 - j * a.ls)};
+    }
   w.nslab.assign(Q, 0), w.slab.resize(Q * a.n);
   for (size_t k = 0; k < w.pairs.size(); ++k) {
     const int64_t i = w.pairs[k].i;
