@@ -193,7 +193,11 @@ struct Args {  // one branch's inputs and settings
   int64_t sel_t0;
 };
 
-constexpr int64_t QB = 16;  // queries per task of the fused op (and per block of a backward part)
+// queries per task of the fused op (and per block of a backward part). The selected branch takes a
+// task's queries at once, so each block it reads serves more of them the larger the task; its
+// backward holds the task's P and dS slabs, 2 MB per thread at 32 queries (paper shapes, about an L2).
+// 16 -> 32: the op at 8k ~6% faster forward and forward+backward (bench/RESULTS.md, 2026-12-07).
+constexpr int64_t QB = 32;
 
 // offset of query t's row (KV head h of row b) in a selection of the given width (see Args)
 NSA_INLINE int64_t sel_row(const Args& a, int64_t b, int64_t h, int64_t t, int64_t width) {
@@ -320,7 +324,6 @@ int64_t span_scores(const float* q, int64_t M, int64_t D, const Tiles& kt, int64
 // one span, and each row masks the few columns outside its own range; its matmuls then have QG
 // times more rows per K/V tile (and dK / dV updates QG times more rows per read-modify-write).
 constexpr int64_t QG = 16;
-static_assert(QB <= QG, "the selected branch takes a task's QB queries at once into rows sized for QG");
 
 int64_t group_size(int64_t t0, int64_t t_end) { return std::min(QG, t_end - t0); }
 
@@ -465,9 +468,9 @@ struct Scratch {
         const int64_t span = a.mode == kSelected ? a.ls : a.mode == kWindow ? max_keys(a) + QG : 0;
         if (a.kT == nullptr || (a.mode == kSelected && !backward)) tiles[a.mode].init(span / TW + 3, a.Dk);
       }
-    const int64_t M = QG * G;
+    const int64_t M = QG * G, Mt = std::max(QB, QG) * G;  // rows of a group, of a task
     ld = (keys + 2 * W - 1) / W * W;
-    s.resize(M * ld), qb.resize(M * Dk), ob.resize(M * Dv), lse.resize(M), inv.resize(M), st.resize(n), ln.resize(n);
+    s.resize(M * ld), qb.resize(M * Dk), ob.resize(Mt * Dv), lse.resize(Mt), inv.resize(Mt), st.resize(n), ln.resize(n);
     if (backward) dp.resize(M * ld), db.resize(M * Dv);
   }
 };
@@ -693,13 +696,14 @@ void backward_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, 
 // while they are in cache, and in the backward its dK / dV rows are one matmul over all their head
 // rows (inner dimension G x queries instead of G). Each (query, block) pair's scores live in a slab
 // [G, lp] of w.ps (and dP / dS of w.dps), the slabs in block order, so a block's slabs are one
-// matrix; a query's row is its slabs in ascending block order. The per-row arithmetic is
-// backward_group's and attend_group's (each S row's max taken as its slab is made, in L1, and in the
-// backward rowsum(P dP) as P is: two passes over a row instead of four).
+// matrix. The forward keeps one block's slabs at a time (an online softmax, selected_forward); the
+// backward keeps the task's, a query's row being its slabs in ascending block order, with
+// backward_group's per-row arithmetic (each S row's max taken as its slab is made, in L1, and
+// rowsum(P dP) summed as P is made: two passes over a row instead of four).
 
-// the pairs of queries [t0, t1) sorted by block (w.pairs), each query's slabs in ascending block
-// order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
-void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, bool with_dp) {
+// the pairs of queries [t0, t1) sorted by block (w.pairs); for the backward also each query's slabs
+// in ascending block order (w.slab[i n + e], e < w.nslab[i]); sizes the slabs
+void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w, bool backward) {
   const int64_t Q = t1 - t0, lp = slab_width(a), nblk = (t1 - 1) / a.ls + 1;  // blocks <= the last query's
   // counting sort by block of the pairs made in query order: (block, query) order
   w.first.assign(nblk + 1, 0), w.blk.resize(Q * a.n), w.nsel.resize(Q);
@@ -715,6 +719,10 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
       const int64_t j = w.blk[i * a.n + e];
       w.pairs[w.first[j]++] = {j, i, std::min(a.ls, t0 + i + 1 - j * a.ls)};
     }
+  if (!backward) {  // the forward goes block by block (selected_forward): one block's slabs
+    if (w.ps.size() < static_cast<size_t>(Q * a.G * lp)) w.ps.resize(Q * a.G * lp);
+    return;
+  }
   w.nslab.assign(Q, 0), w.slab.resize(Q * a.n);
   for (size_t k = 0; k < w.pairs.size(); ++k) {
     const int64_t i = w.pairs[k].i;
@@ -723,23 +731,23 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
   const size_t need = w.pairs.size() * a.G * lp;
   if (w.ps.size() < need) w.ps.resize(need);
   if (w.pmax.size() < w.pairs.size() * a.G) w.pmax.resize(w.pairs.size() * a.G);
-  if (with_dp && w.dps.size() < need) w.dps.resize(need);
+  if (w.dps.size() < need) w.dps.resize(need);
 }
 
-// per pair S (and dP = dO V^T when dp) into its slab, -inf (0) from the pair's keys to lp, and the
-// max of each S row into w.pmax: the block's K (V) tile is read once for all its queries (t0: the
-// task's first), their q (dO) rows read where they are
-void selected_scores(const Args& a, int64_t b, int64_t h, int64_t t0, Scratch& w, bool dp) {
+// the backward's S and dP = dO V^T per pair into its slabs, -inf (0) from the pair's keys to lp, and
+// the max of each S row into w.pmax: the block's K (V) tile is read once for all its queries (t0:
+// the task's first), their q (dO) rows read where they are
+void selected_scores(const Args& a, int64_t b, int64_t h, int64_t t0, Scratch& w) {
   const int64_t G = a.G, lp = slab_width(a);
-  const Tiles tiles[2] = {k_tiles(a, b, h, w), dp ? v_tiles(a, b, h) : Tiles{}};
-  const float* rows[2] = {head_rows(a, a.q, a.Dk, b, h, t0), dp ? head_rows(a, a.dout, a.Dv, b, h, t0) : nullptr};
+  const Tiles tiles[2] = {k_tiles(a, b, h, w), v_tiles(a, b, h)};
+  const float* rows[2] = {head_rows(a, a.q, a.Dk, b, h, t0), head_rows(a, a.dout, a.Dv, b, h, t0)};
   const int64_t ld[2] = {a.H * a.Dk, a.H * a.Dv};  // floats from one query's rows to the next's
   float* out[2] = {w.ps.data(), w.dps.data()};
   const int64_t D[2] = {a.Dk, a.Dv};
   const float scale[2] = {a.scale, 1.f}, pad[2] = {kNegInf, 0.f};
   for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {
     for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == w.pairs[p0].j;) ++p1;
-    for (int x = 0; x < (dp ? 2 : 1); ++x)  // S for the block's queries, then dP: one tile in L1 at a time
+    for (int x = 0; x < 2; ++x)  // S for the block's queries, then dP: one tile in L1 at a time
       for (size_t k = p0; k < p1; ++k) {
         const Pair& p = w.pairs[k];
         const int64_t st = p.j * a.ls, len = p.len, nr = (len + W - 1) / W * W;
@@ -768,24 +776,64 @@ NSA_INLINE float slab_max(const Scratch& w, int64_t n, int64_t G, int64_t i, int
   return mx;
 }
 
-// the selected branch's outputs for queries [t0, t1): w.ob [Q G, Dv], w.lse [Q G]
+// the selected branch's outputs for queries [t0, t1): w.ob [Q G, Dv], w.lse [Q G]. Block by block
+// with an online softmax (running max and sum per row, the row's output rescaled when its max
+// grows): a block's slabs are gone once their P V is added, so it holds one block's slabs (at most
+// a task's queries) instead of the task's (1 MB per thread with 32-query tasks, paper shapes). Per
+// block its S for every pair (its K^T tile in L1), then P, then P V (its V rows in L1).
 void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1, Scratch& w) {
   const int64_t G = a.G, Q = t1 - t0, lp = slab_width(a), Dv = a.Dv, ldv = a.Hkv * Dv;
   selected_pairs(a, b, h, t0, t1, w, false);
-  selected_scores(a, b, h, t0, w, false);
-  float *ps = w.ps.data(), *ob = w.ob.data();
-  for (int64_t i = 0; i < Q; ++i)
-    for (int64_t g = 0; g < G; ++g)
-      softmax_exp(slab_max(w, a.n, G, i, g), w.nslab[i], lp, SlabRow{ps, w.slab.data() + i * a.n, g, G, lp},
-                  w.lse[i * G + g], w.inv[i * G + g]);
-  std::fill(ob, ob + Q * G * Dv, 0.f);
+  float *ps = w.ps.data(), *ob = w.ob.data(), *mx = w.lse.data(), *sum = w.inv.data();
+  std::fill(ob, ob + Q * G * Dv, 0.f), std::fill(mx, mx + Q * G, kNegInf), std::fill(sum, sum + Q * G, 0.f);
+  const Tiles kt = k_tiles(a, b, h, w);
+  const float* q0 = head_rows(a, a.q, a.Dk, b, h, t0);
   const float* vh = a.v + b * a.S * ldv + h * Dv;
-  for (size_t k = 0; k < w.pairs.size(); ++k) {  // o += P V, block by block
-    const Pair& p = w.pairs[k];
-    gemm<true>(ps + k * G * lp, lp, 1, vh + p.j * a.ls * ldv, ldv, p.len, ob + p.i * G * Dv, Dv, G, Dv, 1.f);
+  for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {
+    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == w.pairs[p0].j;) ++p1;
+    const int64_t st = w.pairs[p0].j * a.ls;
+    for (size_t k = p0; k < p1; ++k) {  // S and P of the block's pairs
+      const Pair& p = w.pairs[k];
+      const int64_t len = p.len, nr = (len + W - 1) / W * W;
+      float* s = ps + (k - p0) * G * lp;
+      span_scores(q0 + p.i * a.H * a.Dk, G, a.Dk, kt, 1, &st, &len, s, lp, a.scale, kNegInf);
+      for (int64_t g = 0; g < G; ++g) {
+        float* x = s + g * lp;
+        const int64_t r = p.i * G + g;
+        const float m = std::max(mx[r], row_max(x, nr));
+        if (m == kNegInf) {  // nothing visible yet: P = 0
+          std::fill(x, x + nr, 0.f);
+          continue;
+        }
+        vf acc = vf{};
+        for (int64_t e = 0; e < nr; e += W) {
+          const vf v = vexp(load(x + e) - m);
+          store(x + e, v);
+          acc += v;
+        }
+        float add = 0.f;
+        for (int k = 0; k < W; ++k) add += acc[k];
+        if (m > mx[r]) {  // the row's max grew: rescale what it has summed
+          if (mx[r] != kNegInf) {
+            const float c = std::exp(mx[r] - m);
+            sum[r] *= c;
+            for (int64_t e = 0; e < Dv; ++e) ob[r * Dv + e] *= c;
+          }
+          mx[r] = m;
+        }
+        sum[r] += add;
+      }
+    }
+    for (size_t k = p0; k < p1; ++k) {  // o += P V
+      const Pair& p = w.pairs[k];
+      gemm<true>(ps + (k - p0) * G * lp, lp, 1, vh + st * ldv, ldv, p.len, ob + p.i * G * Dv, Dv, G, Dv, 1.f);
+    }
   }
-  for (int64_t m = 0; m < Q * G; ++m)
-    for (int64_t e = 0; e < Dv; ++e) ob[m * Dv + e] *= w.inv[m];
+  for (int64_t r = 0; r < Q * G; ++r) {  // mx, sum -> lse, inv (the same slots)
+    const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
+    mx[r] = sum[r] > 0.f ? mx[r] + std::log(sum[r]) : kNegInf, sum[r] = inv;
+    for (int64_t e = 0; e < Dv; ++e) ob[r * Dv + e] *= inv;
+  }
 }
 
 // The selected branch's backward for queries [t0, t1) (backward_group's arguments): S and dP per
@@ -795,7 +843,7 @@ void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t 
                        float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
   const int64_t G = a.G, Q = t1 - t0, ls = a.ls, lp = slab_width(a), Dk = a.Dk, Dv = a.Dv;
   selected_pairs(a, b, h, t0, t1, w, true);
-  selected_scores(a, b, h, t0, w, true);
+  selected_scores(a, b, h, t0, w);
   float *ps = w.ps.data(), *dps = w.dps.data();
   const int64_t r0 = (b * a.T + t0) * a.H + h * G;
   for (int64_t i = 0; i < Q; ++i)  // P and dS per query, over its slabs
