@@ -359,13 +359,12 @@ void mask_group(const Args& a, int64_t t0, int64_t Q, int64_t u0, int64_t n, flo
 
 // ---------------------------------------------------------------------------------------------- forward
 
-// A score row is stored as ns segments of len columns each (len a multiple of W): the contiguous
-// row of attend_group / backward_group is one segment; a query's row in the selected branch is its
-// slabs, one per block (selected_forward / selected_backward). seg(e) -> segment e's first float.
-// softmax_row: x <- exp(x - max) (not normalised: the caller scales the row's P @ V by inv = 1 / sum
-// instead of the whole row), lse = max + log(sum); a row with no visible key (all -inf: a masked row
-// of a group, or none selected) becomes 0 with lse = -inf, inv = 0. The selected branch takes each
-// slab's max as its scores are made (selected_scores), so that its softmax is one pass, not two.
+// softmax_row: x <- exp(x - max) for a row of len columns (a multiple of W; not normalised: the
+// caller scales the row's P @ V by inv = 1 / sum instead of the whole row), lse = max + log(sum); a
+// row with no visible key (all -inf: a masked row of a group) becomes 0 with lse = -inf, inv = 0.
+// The backward's rows may be stored as ns segments of len columns each (seg(e) -> segment e's first
+// float): the contiguous row of backward_group is one segment; a query's row in the selected
+// branch's backward is its slabs, one per block, whose maxes it takes as it makes them.
 
 // the largest of a row's len (a multiple of W) floats from x on
 NSA_INLINE float row_max(const float* x, int64_t len) {
@@ -379,39 +378,34 @@ NSA_INLINE float row_max(const float* x, int64_t len) {
   return mx;
 }
 
-// softmax_row given the row's max mx (-inf: nothing visible)
-template <class Seg>
-NSA_INLINE void softmax_exp(float mx, int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
-  if (mx == kNegInf) {
-    for (int64_t e = 0; e < ns; ++e) std::fill(seg(e), seg(e) + len, 0.f);
-    lse = kNegInf, inv = 0.f;
-    return;
-  }
+// x <- exp(x - mx) for len floats (a multiple of W) from x on; returns their sum
+NSA_INLINE float exp_sum(float* x, int64_t len, float mx) {
   vf sum = vf{};
-  for (int64_t e = 0; e < ns; ++e) {
-    float* x = seg(e);
-    for (int64_t i = 0; i < len; i += W) {
-      const vf v = vexp(load(x + i) - mx);
-      store(x + i, v);
-      sum += v;
-    }
+  for (int64_t i = 0; i < len; i += W) {
+    const vf v = vexp(load(x + i) - mx);
+    store(x + i, v);
+    sum += v;
   }
   float tot = 0.f;
   for (int k = 0; k < W; ++k) tot += sum[k];
-  lse = mx + std::log(tot), inv = 1.f / tot;
+  return tot;
 }
 
-template <class Seg>
-NSA_INLINE void softmax_row(int64_t ns, int64_t len, Seg seg, float& lse, float& inv) {
-  float mx = kNegInf;
-  for (int64_t e = 0; e < ns; ++e) mx = std::max(mx, row_max(seg(e), len));
-  softmax_exp(mx, ns, len, seg, lse, inv);
+NSA_INLINE void softmax_row(float* x, int64_t len, float& lse, float& inv) {
+  const float mx = row_max(x, len);
+  if (mx == kNegInf) {
+    std::fill(x, x + len, 0.f);
+    lse = kNegInf, inv = 0.f;
+    return;
+  }
+  const float tot = exp_sum(x, len, mx);
+  lse = mx + std::log(tot), inv = 1.f / tot;
 }
 
 // softmax_row of rows g < G of s (n >= 1 columns, -inf up to n rounded to W, row stride ld)
 void softmax_lse(float* s, int64_t G, int64_t n, int64_t ld, float* lse, float* inv) {
   const int64_t nr = (n + W - 1) / W * W;
-  for (int64_t g = 0; g < G; ++g) softmax_row(1, nr, [&](int64_t) { return s + g * ld; }, lse[g], inv[g]);
+  for (int64_t g = 0; g < G; ++g) softmax_row(s + g * ld, nr, lse[g], inv[g]);
 }
 
 // the selected blocks of query t from its compressed probabilities p [G, nv] (stride ld), as
@@ -805,14 +799,7 @@ void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t
           std::fill(x, x + nr, 0.f);
           continue;
         }
-        vf acc = vf{};
-        for (int64_t e = 0; e < nr; e += W) {
-          const vf v = vexp(load(x + e) - m);
-          store(x + e, v);
-          acc += v;
-        }
-        float add = 0.f;
-        for (int k = 0; k < W; ++k) add += acc[k];
+        const float add = exp_sum(x, nr, m);
         if (m > mx[r]) {  // the row's max grew: rescale what it has summed
           if (mx[r] != kNegInf) {
             const float c = std::exp(mx[r] - m);
