@@ -186,9 +186,9 @@ struct Args {  // one branch's inputs and settings
   int64_t kt_b, kt_h, kt_t;  // kT's strides (floats) between batch rows, heads and tiles
   int64_t mode, w, ls, l, d, num_select, num_init, num_local;
   float scale;
-  // idx / sel hold the rows of queries [sel_t0, sel_t0 + QB) of one (b, h) only (a task's own
-  // buffer, [QB, width]) instead of the whole [B, T, Hkv, width]: the fused op's selection when
-  // nothing keeps it
+  // idx / sel hold the rows of queries from sel_t0 on of one (b, h) only (the thread's buffer for a
+  // task or backward block, ThreadBranches) instead of the whole [B, T, Hkv, width]: the fused op's
+  // selection when nothing keeps it
   bool sel_local;
   int64_t sel_t0;
 };
@@ -867,9 +867,10 @@ void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t 
 }
 
 // One branch over the next queries of [t, t_end) of KV head h in row b, in the unit its code takes:
-// the selected branch up to QB queries at once (a task's), the others one row group. attend_rows
-// leaves the outputs in w.ob / w.lse (attend_group's), backward_rows adds the gradients
-// (backward_group's arguments); both return how many queries they took.
+// the selected branch up to QB queries at once (a task's; its backward all of [t, t_end), a
+// backward block), the others one row group. attend_rows leaves the outputs in w.ob / w.lse
+// (attend_group's), backward_rows adds the gradients (backward_group's arguments); both return how
+// many queries they took.
 int64_t attend_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_end, Scratch& w) {
   if (a.mode == kSelected) {
     const int64_t Q = std::min(QB, t_end - t);
@@ -884,13 +885,23 @@ int64_t attend_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_en
 int64_t backward_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_end, Scratch& w, float* dq,
                       float* dkh, float* dvh, const float* gate, float* dgate, int64_t lgs) {
   if (a.mode == kSelected) {
-    const int64_t Q = std::min(QB, t_end - t);
-    selected_backward(a, b, h, t, t + Q, w, dq, dkh, dvh, gate, dgate, lgs);
-    return Q;
+    selected_backward(a, b, h, t, t_end, w, dq, dkh, dvh, gate, dgate, lgs);
+    return t_end - t;
   }
   const int64_t Q = group_size(t, t_end);
   backward_group(a, b, h, t, Q, w, dq, dkh, dvh, gate, dgate, lgs);
   return Q;
+}
+
+// Queries per block of a backward (a multiple of QB): the selected branch's backward holds a block's
+// P and dS slabs, and each selected block it reads serves more of them the larger the block (at 8k,
+// paper shapes, 64 queries ~2% faster forward+backward than 32, bench/RESULTS.md 2026-12-07). So
+// as many as keep those slabs within kSlabBytes per thread (64 at paper shapes), 1 to 4 tasks' worth.
+constexpr int64_t kSlabBytes = 4 << 20;
+int64_t backward_block(const Args* sel) {
+  if (sel == nullptr) return QB;
+  const int64_t per_query = sel->n * sel->G * slab_width(*sel) * 2 * static_cast<int64_t>(sizeof(float));
+  return std::clamp<int64_t>(kSlabBytes / std::max<int64_t>(per_query, 1) / QB, 1, 4) * QB;
 }
 
 // zeroes dq's rows of queries [t0, t1) of KV head h in row b (dq [B, T, H, Dk]) just before a task's
@@ -1115,6 +1126,7 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
   float *dqp = dq.data_ptr<float>(), *dkp = dkh.data_ptr<float>(), *dvp = dvh.data_ptr<float>();
   const int64_t BH = a.B * a.Hkv;
   BackwardSplit split(BH, a.T, a.S * (a.Dk + a.Dv), mode == kCompressed);
+  const int64_t qbb = backward_block(mode == kSelected ? &a : nullptr);
   const Args* br[1] = {&a};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
@@ -1126,8 +1138,8 @@ std::vector<Tensor> backward(const Tensor& q, const Tensor& k, const Tensor& kT,
       float* buf = split.buffer(i);
       float* dk = buf != nullptr ? buf : dkp + bh * a.S * a.Dk;
       float* dv = buf != nullptr ? buf + a.S * a.Dk : dvp + bh * a.S * a.Dv;
-      for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += QB) {  // QB at a time: the forward's groups
-        const int64_t t1 = std::min(split.cut[p + 1], t0 + QB);
+      for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += qbb) {  // whole QG groups: the forward's
+        const int64_t t1 = std::min(split.cut[p + 1], t0 + qbb);
         zero_dq(a, dqp, b, h, t0, t1);
         for (int64_t t = t0; t < t1;) t += backward_rows(a, b, h, t, t1, w, dqp, dk, dv, nullptr, nullptr, 0);
       }
@@ -1190,9 +1202,10 @@ Fused make_fused(const Tensor& q, const std::vector<Tensor>& k, const std::vecto
 struct ThreadBranches {
   Args br[3];
   std::vector<int32_t> rows;
-  explicit ThreadBranches(const Fused& f) : br{f.br[0], f.br[1], f.br[2]} {
+  // queries: the most one task or backward block takes
+  ThreadBranches(const Fused& f, int64_t queries) : br{f.br[0], f.br[1], f.br[2]} {
     if (!f.local_sel) return;
-    rows.resize(QB * f.num_select);
+    rows.resize(queries * f.num_select);
     br[0].sel = rows.data(), br[1].idx = rows.data(), br[0].sel_local = br[1].sel_local = true;
   }
   void at(int64_t t0) { br[0].sel_t0 = br[1].sel_t0 = t0; }
@@ -1223,7 +1236,7 @@ std::vector<Tensor> nsa_forward(const Tensor& q, const std::vector<Tensor>& k, c
   {
     Scratch w;
     w.init(br, 3, false);
-    ThreadBranches mine(f);
+    ThreadBranches mine(f, QB);
     build_tiles(f.br[1], plan);
     forward_tasks(plan, B, Hkv, [&](int64_t b, int64_t h, int64_t t0, int64_t t1, bool cached) {
       mine.at(t0);
@@ -1284,13 +1297,14 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
   }
   TORCH_CHECK(dout.size(1) == T && dout.size(2) == H && dout.size(3) == a0.Dv, "nsa attention_cpu: dout shape");
   BackwardSplit split(BH, T, per_task, false);
+  const int64_t qbb = backward_block(f.run[1] ? &f.br[1] : nullptr);
   float *dqp = dq.data_ptr<float>(), *dgp = dgates.data_ptr<float>();
   const Args* br[3] = {f.run[0] ? &f.br[0] : nullptr, f.run[1] ? &f.br[1] : nullptr, f.run[2] ? &f.br[2] : nullptr};
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
   {
     Scratch w;
     w.init(br, 3, true);
-    ThreadBranches mine(f);
+    ThreadBranches mine(f, qbb);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < split.tasks; ++i) {
       const int64_t bh = i / split.parts, p = i % split.parts, b = bh / Hkv, h = bh % Hkv;
@@ -1303,8 +1317,8 @@ std::vector<Tensor> nsa_backward(const Tensor& q, const std::vector<Tensor>& k, 
         dv[c] = buf != nullptr ? buf + offset[c] + a.S * a.Dk : dvh[c].data_ptr<float>() + bh * a.S * a.Dv;
       }
       // the forward's query blocks (split.cut are multiples of QB), compressed first: it selects again
-      for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += QB) {
-        const int64_t t1 = std::min(split.cut[p + 1], t0 + QB);
+      for (int64_t t0 = split.cut[p]; t0 < split.cut[p + 1]; t0 += qbb) {
+        const int64_t t1 = std::min(split.cut[p + 1], t0 + qbb);
         mine.at(t0);
         zero_dq(a0, dqp, b, h, t0, t1);
         for (int c = 0; c < 3; ++c) {
