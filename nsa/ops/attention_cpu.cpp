@@ -193,11 +193,11 @@ struct Args {  // one branch's inputs and settings
   int64_t sel_t0;
 };
 
-// queries per task of the fused op (and per block of a backward part). The selected branch takes a
-// task's queries at once, so each block it reads serves more of them the larger the task; its
-// backward holds the task's P and dS slabs, 2 MB per thread at 32 queries (paper shapes, about an L2).
-// 16 -> 32: the op at 8k ~6% faster forward and forward+backward (bench/RESULTS.md, 2026-12-07).
-constexpr int64_t QB = 32;
+// queries per task of a forward (the backward's blocks: backward_block). The selected branch takes a
+// task's queries at once, so each block it reads serves more of them the larger the task (its
+// forward holds one block's slabs: 128 KB per thread at paper shapes). At 8k, paper shapes, 16 -> 32
+// -> 64 made the op's forward ~6% and then ~4% faster (bench/RESULTS.md, 2026-12-07).
+constexpr int64_t QB = 64;
 
 // offset of query t's row (KV head h of row b) in a selection of the given width (see Args)
 NSA_INLINE int64_t sel_row(const Args& a, int64_t b, int64_t h, int64_t t, int64_t width) {
@@ -893,15 +893,16 @@ int64_t backward_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_
   return Q;
 }
 
-// Queries per block of a backward (a multiple of QB): the selected branch's backward holds a block's
-// P and dS slabs, and each selected block it reads serves more of them the larger the block (at 8k,
-// paper shapes, 64 queries ~2% faster forward+backward than 32, bench/RESULTS.md 2026-12-07). So
-// as many as keep those slabs within kSlabBytes per thread (64 at paper shapes), 1 to 4 tasks' worth.
+// Queries per block of a backward, whole QG groups (so the compressed branch selects exactly as in
+// the forward): the selected branch's backward holds a block's P and dS slabs, and each selected
+// block it reads serves more queries the larger the block (at 8k, paper shapes, 64 queries ~3%
+// faster forward+backward than 32, bench/RESULTS.md 2026-12-07). So as many as keep those slabs
+// within kSlabBytes per thread: 64 at paper shapes (64 KB of slabs per query), 32 at G = 16.
 constexpr int64_t kSlabBytes = 4 << 20;
 int64_t backward_block(const Args* sel) {
   if (sel == nullptr) return QB;
   const int64_t per_query = sel->n * sel->G * slab_width(*sel) * 2 * static_cast<int64_t>(sizeof(float));
-  return std::clamp<int64_t>(kSlabBytes / std::max<int64_t>(per_query, 1) / QB, 1, 4) * QB;
+  return std::clamp<int64_t>(kSlabBytes / std::max<int64_t>(per_query, 1) / QG, 1, 16) * QG;
 }
 
 // zeroes dq's rows of queries [t0, t1) of KV head h in row b (dq [B, T, H, Dk]) just before a task's
