@@ -3,13 +3,15 @@
     python -m bench.summary OUT_DIR [--out OUT_DIR/summary.md]
     python -m bench.summary --cpu-attention RUN.json... [--cpu-decode DECODE.json...]
     python -m bench.summary --ab AB.txt...
+    python -m bench.summary --ab-inproc AB.json...
 
 The first form summarises a GPU suite run (bench/gpu_suite.sh): what its stages wrote into
 OUT_DIR (env.txt, stages.txt, kernels.json, decode.json, train.json; any may be missing after a
 failed stage). The second prints the CPU table of ``bench.attention`` runs (one row per run and
 length, labelled by the file name's last dash-separated part: run1, best3, ...) and, with
 ``--cpu-decode``, the decode table of ``bench.decode`` runs. The third summarises A / B runs of the
-CPU op at two commits (bench/ab_cpu_op.sh: one ``SIDE T {JSON}`` line per measurement).
+CPU op at two commits (bench/ab_cpu_op.sh: one ``SIDE T {JSON}`` line per measurement); the fourth
+those of bench.ab_inproc (builds side by side in one process).
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ def ab_table(paths: list[Path]) -> list[str]:
     return lines + [""]
 
 
+def ab_inproc_table(paths: list[Path]) -> list[str]:
+    """bench.ab_inproc runs: one row per build, ratios to each run's first commit."""
+    from bench.ab_inproc import COLUMNS, cells
+
+    lines = ["| file | T | rounds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for path in paths:
+        data = json.loads(path.read_text())
+        lines += [f"| {path.name} | {data['seqlen']} | {data['rounds']} | " + " | ".join(cells(r)) + " |"
+                  for r in data["summary"]]
+    return lines + [""]
+
+
 def cpu_decode_table(paths: list[Path]) -> list[str]:
     lines = ["| run | context | full ms | NSA ms | measured | expected (K/V read) |", "|---|---|---|---|---|---|"]
     for path in paths:
@@ -145,17 +159,19 @@ def main(argv=None) -> None:
     p.add_argument("--cpu-attention", type=Path, nargs="+", default=None, help="bench.attention JSON files")
     p.add_argument("--cpu-decode", type=Path, nargs="+", default=None, help="bench.decode JSON files")
     p.add_argument("--ab", type=Path, nargs="+", default=None, help="bench/ab_cpu_op.sh outputs")
+    p.add_argument("--ab-inproc", type=Path, nargs="+", default=None, help="bench.ab_inproc JSON files")
     args = p.parse_args(argv)
-    if args.cpu_attention or args.cpu_decode or args.ab:
+    if args.cpu_attention or args.cpu_decode or args.ab or args.ab_inproc:
         tables = cpu_attention_table(args.cpu_attention) if args.cpu_attention else []
         tables += cpu_decode_table(args.cpu_decode) if args.cpu_decode else []
+        tables += ab_inproc_table(args.ab_inproc) if args.ab_inproc else []
         text = "\n".join(tables + (ab_table(args.ab) if args.ab else []))
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
         return
     if args.out_dir is None:
-        p.error("give OUT_DIR (a GPU suite run) or --cpu-attention / --cpu-decode / --ab")
+        p.error("give OUT_DIR (a GPU suite run) or --cpu-attention / --cpu-decode / --ab / --ab-inproc")
     text = summarize(args.out_dir)
     print(text)
     out = args.out or args.out_dir / "summary.md"

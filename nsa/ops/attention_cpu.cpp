@@ -196,7 +196,7 @@ struct Args {  // one branch's inputs and settings
 // queries per task of a forward (the backward's blocks: backward_block). The selected branch takes a
 // task's queries at once, so each block it reads serves more of them the larger the task (its
 // forward holds one block's slabs: 128 KB per thread at paper shapes). At 8k, paper shapes, 16 -> 32
-// -> 64 made the op's forward ~6% and then ~4% faster (bench/RESULTS.md, 2026-12-07).
+// -> 64 made the op's forward ~6% and then ~4% faster (bench/RESULTS.md, eighteenth session).
 constexpr int64_t QB = 64;
 
 // offset of query t's row (KV head h of row b) in a selection of the given width (see Args)
@@ -896,8 +896,9 @@ int64_t backward_rows(const Args& a, int64_t b, int64_t h, int64_t t, int64_t t_
 // Queries per block of a backward, whole QG groups (so the compressed branch selects exactly as in
 // the forward): the selected branch's backward holds a block's P and dS slabs, and each selected
 // block it reads serves more queries the larger the block (at 8k, paper shapes, 64 queries ~3%
-// faster forward+backward than 32, bench/RESULTS.md 2026-12-07). So as many as keep those slabs
-// within kSlabBytes per thread: 64 at paper shapes (64 KB of slabs per query), 32 at G = 16.
+// faster forward+backward than 32: bench/RESULTS.md, eighteenth session). So as many as keep
+// those slabs within kSlabBytes per thread: 64 at paper shapes (64 KB of slabs per query), 32 at
+// G = 16.
 constexpr int64_t kSlabBytes = 4 << 20;
 int64_t backward_block(const Args* sel) {
   if (sel == nullptr) return QB;
