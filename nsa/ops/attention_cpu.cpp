@@ -552,50 +552,11 @@ void attend_group(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t Q, Sc
 
 // ---------------------------------------------------------------------------------------------- backward
 
-// dS of one score row (segments as softmax_row's: sx(e) of exp(S - max), sy(e) of dP) of global row
-// r, with its lse and inv = 1 / sum from softmax_row: x <- gate P, y <- dS = gate P (dP - delta +
-// dlse), dgate[r lgs] <- delta = rowsum(P * dP) (see backward_group). dscores_write is its last
-// pass, given delta.
-template <class SegX, class SegY>
-NSA_INLINE void dscores_write(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float delta, float inv,
-                              int64_t r, const float* gate, float* dgate, int64_t lgs) {
-  if (dgate != nullptr) dgate[r * lgs] = delta;
-  if (a.dlse != nullptr) delta -= a.dlse[r];
-  const float pscale = inv * (gate != nullptr ? gate[r * lgs] : 1.f);
-  for (int64_t e = 0; e < ns; ++e) {
-    float *x = sx(e), *y = sy(e);
-    for (int64_t i = 0; i < len; i += W) {
-      const vf p = load(x + i) * pscale;
-      store(x + i, p);
-      store(y + i, p * (load(y + i) - delta));
-    }
-  }
-}
-
-// a row with nothing visible: no gradient (softmax_row zeroed x)
-template <class SegY>
-NSA_INLINE void dscores_none(int64_t ns, int64_t len, SegY sy, int64_t r, float* dgate, int64_t lgs) {
-  for (int64_t e = 0; e < ns; ++e) std::fill(sy(e), sy(e) + len, 0.f);
-  if (dgate != nullptr) dgate[r * lgs] = 0.f;
-}
-
-template <class SegX, class SegY>
-NSA_INLINE void dscores_row(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float lse, float inv,
-                            int64_t r, const float* gate, float* dgate, int64_t lgs) {
-  if (lse == kNegInf) return dscores_none(ns, len, sy, r, dgate, lgs);
-  vf acc = vf{};
-  for (int64_t e = 0; e < ns; ++e) {
-    const float *x = sx(e), *y = sy(e);
-    for (int64_t i = 0; i < len; i += W) acc += load(x + i) * load(y + i);
-  }
-  float delta = 0.f;
-  for (int k = 0; k < W; ++k) delta += acc[k];
-  dscores_write(a, ns, len, sx, sy, delta * inv, inv, r, gate, dgate, lgs);
-}
-
-// softmax_exp of one row (sx; mx its max) that also sums rowsum(P * dP) (sy: dP) as it makes P, the
-// same products in the same order as dscores_row: inv = 1 / sum (0: nothing visible, x zeroed) and
-// delta = rowsum(P * dP)
+// The backward of one score row (segments: sx(e) of S, sy(e) of dP) of global row r, in two passes.
+// softmax_delta: x <- exp(S - mx) (mx the row's max, as the forward's softmax_row makes it) while
+// summing delta = rowsum(P * dP); inv = 1 / sum (0: nothing visible, x zeroed). dscores_write: x <-
+// gate P, y <- dS = gate P (dP - delta + dlse), dgate[r lgs] <- delta (see backward_group);
+// dscores_none for a row with nothing visible (no gradient).
 template <class SegX, class SegY>
 NSA_INLINE void softmax_delta(float mx, int64_t ns, int64_t len, SegX sx, SegY sy, float& inv, float& delta) {
   if (mx == kNegInf) {
@@ -620,7 +581,29 @@ NSA_INLINE void softmax_delta(float mx, int64_t ns, int64_t len, SegX sx, SegY s
   inv = 1.f / tot, delta = d * inv;
 }
 
-// softmax_exp and dscores_row of one row in two passes over it instead of three
+template <class SegX, class SegY>
+NSA_INLINE void dscores_write(const Args& a, int64_t ns, int64_t len, SegX sx, SegY sy, float delta, float inv,
+                              int64_t r, const float* gate, float* dgate, int64_t lgs) {
+  if (dgate != nullptr) dgate[r * lgs] = delta;
+  if (a.dlse != nullptr) delta -= a.dlse[r];
+  const float pscale = inv * (gate != nullptr ? gate[r * lgs] : 1.f);
+  for (int64_t e = 0; e < ns; ++e) {
+    float *x = sx(e), *y = sy(e);
+    for (int64_t i = 0; i < len; i += W) {
+      const vf p = load(x + i) * pscale;
+      store(x + i, p);
+      store(y + i, p * (load(y + i) - delta));
+    }
+  }
+}
+
+template <class SegY>
+NSA_INLINE void dscores_none(int64_t ns, int64_t len, SegY sy, int64_t r, float* dgate, int64_t lgs) {
+  for (int64_t e = 0; e < ns; ++e) std::fill(sy(e), sy(e) + len, 0.f);
+  if (dgate != nullptr) dgate[r * lgs] = 0.f;
+}
+
+// both passes of one row (the selected branch's: nothing comes between them)
 template <class SegX, class SegY>
 NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t len, SegX sx, SegY sy, int64_t r,
                                     const float* gate, float* dgate, int64_t lgs) {
@@ -632,7 +615,8 @@ NSA_INLINE void softmax_dscores_row(const Args& a, float mx, int64_t ns, int64_t
 
 // adds one branch's gradients for queries [t0, t0 + Q) of KV head h in row b: dq rows of dq
 // [B, T, H, Dk] (+=), dK / dV rows of dkh, dvh ([S, D] of this (b, h); +=). P is recomputed as the
-// forward computed it (softmax_rows, in the same query groups), so nothing of the forward is kept:
+// forward computed it (scores_group and the same exponentials, in the same query groups; the same
+// bits), so nothing of the forward is kept:
 // not its lse, and for the compressed branch with a.sel set, not its selection, which is picked
 // again here from those same probabilities. Per global row r: gate[r lgs] the weight of this
 // branch's output in o (null: 1); dgate[r lgs] (if not null) <- rowsum(dO * o_branch) = rowsum(P * dP)
