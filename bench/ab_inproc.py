@@ -51,18 +51,13 @@ def sources(commit: str, into: Path) -> Path:
 
 
 def build(commit: str, tmp: Path):
-    """The extension built from ``commit``'s sources, under a name of its own (the sources' hash)."""
-    from torch.utils import cpp_extension
-
+    """The extension built from ``commit``'s sources as the op builds itself (cpu_build), under a
+    name of its own (the sources' hash), so that the builds load side by side."""
     from nsa.ops import cpu_build
 
     src = sources(commit, tmp / commit.replace("/", "_"))
-    files = sorted(src.iterdir())
-    digest = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    arch, cpu = cpu_build._cpu_flags()
-    cpp = [str(src / f.name) for f in cpu_build.SOURCES]
-    return cpp_extension.load(f"nsa_ab_{cpu}_{digest}", cpp, extra_cflags=["-O3", *arch, "-fopenmp", "-Wno-psabi"],
-                              extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], verbose=False)
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in sorted(src.iterdir()))).hexdigest()[:12]
+    return cpu_build.compile_module(f"nsa_ab_{cpu_build._cpu_flags()[1]}_{digest}", src)
 
 
 def run(commits: list[str], seqlen: int, rounds: int, seed: int = 0) -> dict:

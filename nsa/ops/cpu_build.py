@@ -39,7 +39,9 @@ def _cpu_flags() -> tuple[list[str], str]:
     return ["-march=native"], machine + "_" + hashlib.sha1("\n".join(keep).encode()).hexdigest()[:10]
 
 
-def _build():
+def compile_module(name: str, src: Path = _HERE):
+    """The op's sources as found in ``src`` (this folder's file names; another commit's copy for an
+    A / B, bench/ab_inproc.py) compiled with the op's flags into extension ``name``."""
     from torch.utils import cpp_extension
 
     env_path = os.environ.get("PATH", "")
@@ -51,18 +53,21 @@ def _build():
         except ImportError:
             pass
     try:
-        arch, cpu = _cpu_flags()
-        name = f"nsa_cpu_{cpu}"
+        arch, _ = _cpu_flags()
         lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a killed build: torch
             lock.unlink(missing_ok=True)  # would wait on it forever
         # the headers' hash among the flags: torch re-versions a build when its sources or flags change
-        headers = hashlib.sha1(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:12]
+        headers = hashlib.sha1(b"".join((src / h.name).read_bytes() for h in HEADERS)).hexdigest()[:12]
         flags = ["-O3", *arch, "-fopenmp", "-Wno-psabi", f"-DNSA_HEADERS_SHA={headers}"]
-        return cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(_HERE)], verbose=False)
+        return cpp_extension.load(name, [str(src / s.name) for s in SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], verbose=False)
     finally:
         os.environ["PATH"] = env_path
+
+
+def _build():
+    return compile_module(f"nsa_cpu_{_cpu_flags()[1]}")
 
 
 def load():
