@@ -712,6 +712,13 @@ void selected_pairs(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
   if (w.dps.size() < need) w.dps.resize(need);
 }
 
+// the end of the run of pairs (sorted by block) that starts at p0: the pairs of block pairs[p0].j
+NSA_INLINE size_t block_end(const std::vector<Pair>& pairs, size_t p0) {
+  size_t p1 = p0;
+  while (p1 < pairs.size() && pairs[p1].j == pairs[p0].j) ++p1;
+  return p1;
+}
+
 // the backward's S and dP = dO V^T per pair into its slabs, -inf (0) from the pair's keys to lp, and
 // the max of each S row into w.pmax: the block's K (V) tile is read once for all its queries (t0:
 // the task's first), their q (dO) rows read where they are
@@ -724,7 +731,7 @@ void selected_scores(const Args& a, int64_t b, int64_t h, int64_t t0, Scratch& w
   const int64_t D[2] = {a.Dk, a.Dv};
   const float scale[2] = {a.scale, 1.f}, pad[2] = {kNegInf, 0.f};
   for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {
-    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == w.pairs[p0].j;) ++p1;
+    p1 = block_end(w.pairs, p0);
     for (int x = 0; x < 2; ++x)  // S for the block's queries, then dP: one tile in L1 at a time
       for (size_t k = p0; k < p1; ++k) {
         const Pair& p = w.pairs[k];
@@ -768,7 +775,7 @@ void selected_forward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t t
   const float* q0 = head_rows(a, a.q, a.Dk, b, h, t0);
   const float* vh = a.v + b * a.S * ldv + h * Dv;
   for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {
-    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == w.pairs[p0].j;) ++p1;
+    p1 = block_end(w.pairs, p0);
     const int64_t st = w.pairs[p0].j * a.ls;
     for (size_t k = p0; k < p1; ++k) {  // S and P of the block's pairs
       const Pair& p = w.pairs[k];
@@ -827,12 +834,13 @@ void selected_backward(const Args& a, int64_t b, int64_t h, int64_t t0, int64_t 
   const float* kh = a.k + b * a.S * ldk + h * Dk;
   w.xrows.resize(Q * G);
   for (size_t p0 = 0, p1; p0 < w.pairs.size(); p0 = p1) {  // per block: its queries' dQ, then dK, dV
-    const int64_t j = w.pairs[p0].j, st = j * ls;
+    const int64_t st = w.pairs[p0].j * ls;
     int64_t len = 0;
-    for (p1 = p0; p1 < w.pairs.size() && w.pairs[p1].j == j; ++p1) {
-      const Pair& p = w.pairs[p1];
+    p1 = block_end(w.pairs, p0);
+    for (size_t k = p0; k < p1; ++k) {
+      const Pair& p = w.pairs[k];
       len = std::max(len, p.len);
-      gemm<true>(dps + p1 * G * lp, lp, 1, kh + st * ldk, ldk, p.len, head_rows(a, dq, Dk, b, h, t0 + p.i), Dk, G,
+      gemm<true>(dps + k * G * lp, lp, 1, kh + st * ldk, ldk, p.len, head_rows(a, dq, Dk, b, h, t0 + p.i), Dk, G,
                  Dk, a.scale);
     }
     // dK += scale dS^T q, dV += P^T dO: the slabs [m, lp] are A^T as they are
